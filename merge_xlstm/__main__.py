@@ -1,0 +1,5 @@
+import sys
+
+from merge_xlstm.cli import main
+
+sys.exit(main())

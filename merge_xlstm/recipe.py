@@ -1,0 +1,302 @@
+"""Recipe schemas: the YAML files users write, validated strictly with pydantic.
+
+Numbers live in recipes, not in code: every knob of the method (REFERENCE.md §1-3) is a field here
+with the paper's value as its default. Unknown keys are errors (``extra="forbid"``) so a typo never
+silently falls back to a default. Paths are resolved relative to the working directory, the way the
+shipped recipes (``output: experts/code``) are written to be run from the repository root.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from merge_xlstm.errors import UserError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PACKAGED_PREFIX = "packaged:"
+LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".gz", ".csv")
+
+
+class Strict(BaseModel):
+    """Base for every recipe section: unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# --------------------------------------------------------------------------------------- student
+class HybridStudent(Strict):
+    """The xLSTM + sliding-window-attention student of paper A (REFERENCE.md §1)."""
+
+    kind: Literal["hybrid"] = "hybrid"
+    mixer: Literal["hybrid", "mlstm", "swa"] = "hybrid"
+    window_size: int = Field(512, ge=1, description="SWA window W in tokens (keys t-W+1..t).")
+    num_sink_tokens: int = Field(4, ge=0, description="First tokens of each document every query also sees.")
+    feature_dim: int | None = Field(
+        None, ge=1, description="Size of the softmax feature map phi per head; default: the head dim."
+    )
+    mlstm_rope: bool = Field(
+        False, description="Feed RoPE-rotated q/k to the mLSTM branch (SWA always uses RoPE)."
+    )
+
+
+class DistilXLSTMStudent(Strict):
+    """The Distil-xLSTM student of paper B (REFERENCE.md §5): a fresh xLSTM block stack."""
+
+    kind: Literal["distil_xlstm"]
+    num_blocks: int = Field(6, ge=1)
+    slstm_at: list[int] = Field(default_factory=lambda: [0, 2, 4])
+    num_heads: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _slstm_in_range(self) -> "DistilXLSTMStudent":
+        bad = [i for i in self.slstm_at if not 0 <= i < self.num_blocks]
+        if bad:
+            raise ValueError(f"slstm_at entries must lie in [0, {self.num_blocks}), got {bad}")
+        return self
+
+
+StudentSpec = Annotated[HybridStudent | DistilXLSTMStudent, Field(discriminator="kind")]
+
+
+# ------------------------------------------------------------------------------------------ data
+class DataSource(Strict):
+    """One training source: a local file, a Hugging Face dataset id, or ``packaged:NAME``."""
+
+    path: str
+    weight: float = Field(1.0, gt=0)
+    split: str = Field("train", description="Split read for training; evaluation splits are refused.")
+    config: str | None = Field(None, description="Dataset configuration name (HF datasets).")
+    text_field: str = "text"
+    messages_field: str | None = Field(
+        None, description="Field holding a chat as [{role, content}]; rendered with the chat template."
+    )
+    max_documents: int | None = Field(None, ge=1)
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, value: str) -> str:
+        looks_local = value.startswith((".", "/", "~")) or value.endswith(LOCAL_DATA_SUFFIXES)
+        if value.startswith(PACKAGED_PREFIX):
+            return value  # checked against the packaged-source registry when data is built
+        if looks_local and not Path(value).expanduser().exists():
+            raise ValueError(f"no such file or directory: {value}")
+        if not looks_local and not Path(value).exists() and not HUB_ID.match(value):
+            raise ValueError(f"expected a local file, a dataset id 'org/name' or 'packaged:NAME', got {value!r}")
+        return value
+
+
+class DataSpec(Strict):
+    sources: list[DataSource] = Field(min_length=1)
+    seq_len: int = Field(2048, ge=8, description="Packed row length in tokens.")
+    validation_fraction: float = Field(
+        0.01, ge=0, lt=1, description="Held-out share of packed rows for validation loss/KL."
+    )
+
+
+# ---------------------------------------------------------------------------------------- stages
+class OptimSpec(Strict):
+    tokens: int = Field(ge=1, description="Training tokens for this stage (packed, incl. padding).")
+    lr: float = Field(gt=0)
+    batch_size: int = Field(8, ge=1, description="Global batch in packed rows per optimizer step.")
+    micro_batch_size: int = Field(1, ge=1, description="Rows per forward pass and device; the rest is accumulation.")
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    log_every: int = Field(10, ge=1)
+    save_every: int = Field(200, ge=1, description="Checkpoint interval in optimizer steps.")
+
+
+class Stage1Spec(OptimSpec):
+    """Hidden-state alignment: only the new mixer parameters train (REFERENCE.md §2)."""
+
+    lr: float = Field(1.0e-2, gt=0)
+    min_lr: float = Field(1.0e-5, ge=0, description="End of the cosine decay.")
+
+
+class LoraSpec(Strict):
+    r: int = Field(256, ge=1)
+    alpha: float = Field(512, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+class DistilSchedule(Strict):
+    """Delta-distillation of paper B: a and T annealed per step, restarted lower at each epoch."""
+
+    alpha_start: float = Field(0.8, ge=0, le=1)
+    alpha_end: float = Field(0.5, ge=0, le=1)
+    temperature_start: float = Field(2.0, gt=0)
+    temperature_end: float = Field(1.0, gt=0)
+    delta: float = Field(0.05, ge=0, lt=1)
+    frobenius_weight: float = Field(1.0, ge=0)
+    epochs: int = Field(1, ge=1, description="Passes over the stage's tokens; tokens are split evenly.")
+
+
+class Stage2Spec(OptimSpec):
+    """Sparse top-k knowledge distillation (hybrid) or Delta-distillation (distil_xlstm)."""
+
+    lr: float = Field(1.0e-5, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    top_k: int = Field(256, ge=1)
+    ce_weight: float = Field(0.9, ge=0)
+    kl_weight: float = Field(0.1, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    lora: LoraSpec | None = None
+    distil: DistilSchedule | None = None
+
+
+# -------------------------------------------------------------------------------------- recipes
+class LinearizeRecipe(Strict):
+    """`merge-xlstm linearize RECIPE`: one domain expert from a teacher."""
+
+    name: str = Field(pattern=r"^[\w.-]+$")
+    teacher: str
+    student: StudentSpec = Field(default_factory=HybridStudent)
+    data: DataSpec
+    stage1: Stage1Spec | None = None
+    stage2: Stage2Spec
+    seed: str = Field(description="Directory of the shared stage-I checkpoint every expert starts from.")
+    output: str
+    random_seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_is_dir_or_id(cls, value: str) -> str:
+        if Path(value).expanduser().is_dir() or HUB_ID.match(value):
+            return value
+        raise ValueError(f"expected a local model directory or a hub id 'org/name', got {value!r}")
+
+    @model_validator(mode="after")
+    def _stages_fit_student(self) -> "LinearizeRecipe":
+        if self.student.kind == "distil_xlstm":
+            if self.stage1 is not None:
+                raise ValueError("stage1: hidden-state alignment does not apply to student kind distil_xlstm; remove it")
+            if self.stage2.distil is None:
+                self.stage2.distil = DistilSchedule()
+        else:
+            if self.stage1 is None:
+                raise ValueError("stage1: required for student kind hybrid")
+            if self.stage2.distil is not None:
+                raise ValueError("stage2.distil: the Delta schedule applies to student kind distil_xlstm only")
+        return self
+
+
+class MergeExpert(Strict):
+    path: str
+    weight: float = Field(1.0, ge=0)
+    parameters: dict[str, float | bool] = Field(default_factory=dict)
+
+    @field_validator("path")
+    @classmethod
+    def _is_dir(cls, value: str) -> str:
+        if not Path(value).is_dir():
+            raise ValueError(f"no such model directory: {value}")
+        return value
+
+
+class MergeRecipe(Strict):
+    """`merge-xlstm merge [RECIPE]`: one model from several experts of one seed."""
+
+    method: str = "linear"
+    base: str | None = None
+    experts: list[MergeExpert] = Field(min_length=1)
+    parameters: dict[str, float | bool] = Field(default_factory=dict)
+    output: str
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @field_validator("base")
+    @classmethod
+    def _base_is_dir(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_dir():
+            raise ValueError(f"no such model directory: {value}")
+        return value
+
+
+# --------------------------------------------------------------------------------------- loading
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and p in ("hybrid", "distil_xlstm")))
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "missing":
+        msg = "required field is missing"
+    elif "input" in first and first["type"] not in ("model_type",):
+        msg = f"{msg} (got {first['input']!r})"
+    more = len(err.errors()) - 1
+    suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
+    return f"{field or '<top level>'}: {msg}{suffix}"
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any, where: str) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        if key.isdigit() and isinstance(node, list) and int(key) < len(node):
+            node = node[int(key)]
+            continue
+        if not isinstance(node, dict):
+            raise UserError(f"--set {dotted}: {key!r} is not a mapping", where=where)
+        node = node.setdefault(key, {})
+    last = keys[-1]
+    if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise UserError(f"--set {dotted}: cannot set a key inside a {type(node).__name__}", where=where)
+
+
+def parse_overrides(pairs: list[str] | None) -> list[tuple[str, Any]]:
+    """Parse ``key.sub=value`` strings; values are YAML (so ``20000``, ``true``, ``[0, 2]`` work)."""
+    out = []
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set expects KEY=VALUE, got {pair!r}")
+        out.append((key.strip(), yaml.safe_load(raw)))
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; every failure is a one-line UserError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("no such recipe file", where=str(path))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"malformed YAML{line}: {problem}", where=str(path)) from None
+    if not isinstance(data, dict):
+        raise UserError(f"expected a mapping at the top level, got {type(data).__name__}", where=str(path))
+    return data
+
+
+def load_recipe(path: str | Path, schema: type[Strict], overrides: list[str] | None = None) -> Any:
+    """Load and validate a recipe, applying ``--set`` overrides first."""
+    data = load_yaml(path)
+    for key, value in parse_overrides(overrides):
+        _set_dotted(data, key, value, str(path))
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        raise UserError(_format_validation_error(err), where=str(path)) from None
+
+
+def load_linearize_recipe(path: str | Path, overrides: list[str] | None = None) -> LinearizeRecipe:
+    return load_recipe(path, LinearizeRecipe, overrides)
+
+
+def load_merge_recipe(path: str | Path, overrides: list[str] | None = None) -> MergeRecipe:
+    return load_recipe(path, MergeRecipe, overrides)
