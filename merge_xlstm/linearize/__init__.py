@@ -1,0 +1,1 @@
+"""`merge-xlstm linearize`: data, stage I (alignment), teacher top-k targets, stage II (distillation)."""

@@ -1,0 +1,148 @@
+"""The hybrid student: conversion is exact, recurrent == parallel, padding and packing are invisible."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import merge_xlstm  # noqa: F401  (registers the student with Auto*)
+from merge_xlstm.student import from_teacher, new_parameters
+from merge_xlstm.testing import tiny_teacher
+
+FAMILIES = ["llama", "qwen2", "olmo2"]
+ATOL = 1e-5
+
+
+def ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(params=FAMILIES)
+def teacher(request):
+    return tiny_teacher(request.param)
+
+
+@torch.no_grad()
+def test_swa_student_with_long_window_is_the_teacher(teacher):
+    student = from_teacher(teacher, mixer="swa", window_size=64, num_sink_tokens=4)
+    x = ids(2, 24)
+    torch.testing.assert_close(student(x).logits, teacher(x).logits, atol=ATOL, rtol=0)
+    mask = torch.ones_like(x)
+    mask[1, :7] = 0  # left padding
+    got, want = student(x, attention_mask=mask).logits, teacher(x, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_swa_window_and_sinks_equal_the_teacher_under_the_same_mask(teacher):
+    window, sinks, T = 5, 2, 16
+    student = from_teacher(teacher, mixer="swa", window_size=window, num_sink_tokens=sinks)
+    q, k = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    allowed = (k <= q) & ((q - k < window) | (k < sinks))
+    mask = torch.zeros(1, 1, T, T).masked_fill(~allowed, float("-inf"))
+    x = ids(1, T)
+    torch.testing.assert_close(student(x).logits, teacher(x, attention_mask=mask).logits, atol=ATOL, rtol=0)
+
+
+def test_reused_weights_are_the_teachers_and_new_parameters_are_the_mixers(teacher):
+    student = from_teacher(teacher, mixer="hybrid", window_size=8)
+    t_state, s_state = teacher.state_dict(), student.state_dict()
+    for name, tensor in t_state.items():
+        assert torch.equal(s_state[name], tensor), name
+    new = set(s_state) - set(t_state)
+    assert new and all(n.split(".")[-2] in {"igate", "fgate", "ogate"} or n.split(".")[-1] in {"phi_q", "phi_k"} for n in new)
+    assert sum(p.numel() for p in new_parameters(student)) == sum(s_state[n].numel() for n in new)
+    assert s_state[next(iter(t_state))].data_ptr() != t_state[next(iter(t_state))].data_ptr()  # a copy
+
+
+@pytest.mark.parametrize("mixer", ["hybrid", "mlstm"])
+@torch.no_grad()
+def test_parallel_equals_recurrent_and_chunked(teacher, mixer):
+    student = from_teacher(teacher, mixer=mixer, window_size=4, num_sink_tokens=2)
+    x = ids(2, 21)
+    parallel = student(x).logits
+    out = student(x[:, :1], use_cache=True)
+    steps = [out.logits]
+    for t in range(1, x.shape[1]):
+        out = student(x[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+        steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), parallel, atol=ATOL, rtol=0)
+    first = student(x[:, :9], use_cache=True)
+    rest = student(x[:, 9:], past_key_values=first.past_key_values, use_cache=True)
+    torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), parallel, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("mixer", ["hybrid", "mlstm", "swa"])
+@torch.no_grad()
+def test_left_padded_batch_equals_each_sequence_alone(teacher, mixer):
+    student = from_teacher(teacher, mixer=mixer, window_size=4, num_sink_tokens=2)
+    a, b = ids(1, 16, seed=1), ids(1, 11, seed=2)
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 5, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :5] = 0
+    logits = student(batch, attention_mask=mask).logits
+    torch.testing.assert_close(logits[:1], student(a).logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits[1:, 5:], student(b).logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("mixer", ["hybrid", "mlstm", "swa"])
+@torch.no_grad()
+def test_packed_documents_do_not_see_each_other(teacher, mixer):
+    student = from_teacher(teacher, mixer=mixer, window_size=4, num_sink_tokens=2)
+    a, b = ids(1, 9, seed=3), ids(1, 13, seed=4)
+    position_ids = torch.cat([torch.arange(9), torch.arange(13)])[None]
+    logits = student(torch.cat([a, b], 1), position_ids=position_ids).logits
+    torch.testing.assert_close(logits[:, :9], student(a).logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits[:, 9:], student(b).logits, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_cached_greedy_generate_equals_uncached_rollout(teacher):
+    student = from_teacher(teacher, mixer="hybrid", window_size=4, num_sink_tokens=2)
+    prompt = ids(2, 6)
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0
+    generated = student.generate(
+        prompt, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    x, m = prompt, mask
+    for _ in range(10):
+        nxt = student(x, attention_mask=m).logits[:, -1].argmax(-1, keepdim=True)
+        x, m = torch.cat([x, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
+    assert torch.equal(generated, x)
+
+
+@torch.no_grad()
+def test_decoding_state_does_not_grow(teacher):
+    student = from_teacher(teacher, mixer="hybrid", window_size=4, num_sink_tokens=2)
+    out = student(ids(1, 8), use_cache=True)
+
+    def size(cache):
+        return sum(t.numel() for s in cache.layers for t in (*s.mlstm, s.sink_k, s.sink_v, s.win_k, s.win_v))
+
+    before = size(out.past_key_values)
+    for t in range(30):
+        out = student(ids(1, 1, seed=t), past_key_values=out.past_key_values, use_cache=True)
+    assert size(out.past_key_values) == before
+
+
+def test_save_and_auto_reload_is_bit_exact(teacher, tmp_path):
+    student = from_teacher(teacher, mixer="hybrid", window_size=4, num_sink_tokens=2, feature_dim=8)
+    student.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(reloaded).__name__ == "XLSTMHybridForCausalLM"
+    assert reloaded.config.feature_dim == 8 and reloaded.config.window_size == 4
+    for (name, a), b in zip(student.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    x = ids(1, 10)
+    with torch.no_grad():
+        assert torch.equal(student(x).logits, reloaded(x).logits)
+
+
+def test_gradients_reach_the_new_parameters(teacher):
+    student = from_teacher(teacher, mixer="hybrid", window_size=4, num_sink_tokens=2).train()
+    student(ids(2, 32)).logits.square().mean().backward()
+    for p in new_parameters(student):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
