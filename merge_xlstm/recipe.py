@@ -210,7 +210,11 @@ class MergeRecipe(Strict):
     experts: list[MergeExpert] = Field(min_length=1)
     parameters: dict[str, float | bool] = Field(default_factory=dict)
     output: str
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of the merged weights; the arithmetic always runs in float32."
+    )
+    random_seed: int = Field(0, description="Seed of the random drops of DARE / DELLA, for reproducible merges.")
+    overwrite: bool = Field(False, description="Replace an existing output directory (atomically, when done).")
 
     @field_validator("base")
     @classmethod
@@ -229,11 +233,16 @@ def _format_validation_error(err: ValidationError) -> str:
         msg = "unknown key"
     elif first["type"] == "missing":
         msg = "required field is missing"
-    elif "input" in first and first["type"] not in ("model_type",):
+    elif (
+        "input" in first
+        and first["type"] not in ("model_type", "value_error")  # our validators' messages show the value
+        and not isinstance(first["input"], dict)  # a model-level error's input is the whole section
+    ):
         msg = f"{msg} (got {first['input']!r})"
     more = len(err.errors()) - 1
     suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
-    return f"{field or '<top level>'}: {msg}{suffix}"
+    # model-level validators have no location; their messages start with the field they are about
+    return f"{field}: {msg}{suffix}" if field else f"{msg}{suffix}"
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any, where: str) -> None:
@@ -255,14 +264,17 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any, where: str) -> No
         raise UserError(f"--set {dotted}: cannot set a key inside a {type(node).__name__}", where=where)
 
 
-def parse_overrides(pairs: list[str] | None) -> list[tuple[str, Any]]:
+def parse_overrides(pairs: list[str] | None, where: str | None = None) -> list[tuple[str, Any]]:
     """Parse ``key.sub=value`` strings; values are YAML (so ``20000``, ``true``, ``[0, 2]`` work)."""
     out = []
     for pair in pairs or []:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
-            raise UserError(f"--set expects KEY=VALUE, got {pair!r}")
-        out.append((key.strip(), yaml.safe_load(raw)))
+            raise UserError(f"--set expects KEY=VALUE, got {pair!r}", where=where)
+        try:
+            out.append((key.strip(), yaml.safe_load(raw)))
+        except yaml.YAMLError:
+            raise UserError(f"--set {key.strip()}: value {raw!r} is not valid YAML", where=where) from None
     return out
 
 
@@ -286,7 +298,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def load_recipe(path: str | Path, schema: type[Strict], overrides: list[str] | None = None) -> Any:
     """Load and validate a recipe, applying ``--set`` overrides first."""
     data = load_yaml(path)
-    for key, value in parse_overrides(overrides):
+    for key, value in parse_overrides(overrides, where=str(path)):
         _set_dotted(data, key, value, str(path))
     try:
         return schema.model_validate(data)

@@ -404,6 +404,21 @@ class XLSTMHybridModel(XLSTMHybridPreTrainedModel):
         for layer in self.layers:
             layer.self_attn.mlstm_backend, layer.self_attn.swa_backend = mlstm, swa
 
+    def mixer_outputs(self, mixer_inputs: list[Tensor], position_ids: Tensor) -> list[Tensor]:
+        """Every layer's mixer applied to the given per-layer inputs (the teacher's, in stage I).
+
+        Layer-local alignment: each mixer learns from the teacher's own hidden states, so layers train
+        in parallel from one teacher pass and errors of earlier student layers do not compound.
+        """
+        x = mixer_inputs[0]
+        layout, starts, rope_pos, _ = token_layout(
+            None, position_ids, x.shape[:2], x.device, None, self.config.window_size, self.config.num_sink_tokens
+        )
+        rope = self.rotary_emb(x, rope_pos)
+        return [
+            layer.self_attn(inp, rope, layout, starts, None, None)[0] for layer, inp in zip(self.layers, mixer_inputs)
+        ]
+
     def forward(
         self,
         input_ids: Tensor | None = None,

@@ -1,0 +1,86 @@
+"""Stage II: distil the whole student on the domain's data (REFERENCE.md §2 and §5).
+
+The loss is a registry entry chosen by student kind: `sparse_kd` (paper A: γ·CE + β·KL on the
+teacher's stored top-k) for the hybrid student, `delta_distil` (paper B: annealed CE/KL + Frobenius,
+with a live teacher) for Distil-xLSTM. Full fine-tuning by default (it beat LoRA in paper A); with
+`stage2.lora` the teacher-copied linear layers get LoRA adapters (peft) while the new mixer
+parameters still train fully, and the adapters are merged back before saving, so every expert is a
+plain student of the same shapes (the condition for merging).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from merge_xlstm.linearize.losses import LOSSES
+from merge_xlstm.linearize.training import num_steps, train_loop, warmup_constant
+from merge_xlstm.recipe import LinearizeRecipe
+from merge_xlstm.student import new_parameters
+
+LOSS_FOR_KIND = {"hybrid": "sparse_kd", "distil_xlstm": "delta_distil"}
+
+
+def stage2_loss(recipe: LinearizeRecipe, steps_per_epoch: int) -> Any:
+    return LOSSES.get(LOSS_FOR_KIND[recipe.student.kind])(recipe.stage2, steps_per_epoch=steps_per_epoch)
+
+
+def steps_per_epoch(recipe: LinearizeRecipe) -> int:
+    epochs = recipe.stage2.distil.epochs if recipe.stage2.distil else 1
+    return max(1, num_steps(recipe.stage2, recipe.data.seq_len) // epochs)
+
+
+def run_stage2(
+    recipe: LinearizeRecipe,
+    *,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    dataset: Any,
+    accelerator: Accelerator,
+    work_dir: Path,
+) -> nn.Module:
+    """Train `student` (resumable from `work_dir`); return it with any LoRA adapters merged in."""
+    spec, seq_len = recipe.stage2, recipe.data.seq_len
+    per_epoch = steps_per_epoch(recipe)
+    total = per_epoch * (spec.distil.epochs if spec.distil else 1)
+    loss_fn = stage2_loss(recipe, per_epoch)
+    model = student
+    if spec.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        mixer_params = new_parameters(student) if recipe.student.kind == "hybrid" else []
+        config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+                            target_modules=spec.lora.target_modules)
+        model = get_peft_model(student, config)
+        for p in mixer_params:
+            p.requires_grad_(True)
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    decay = [p for p in params.values() if p.ndim >= 2]
+    no_decay = [p for p in params.values() if p.ndim < 2]  # norms, biases, gate biases: never decayed
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr
+    )
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    train_loop(
+        stage="stage2",
+        accelerator=accelerator,
+        model=wrapped,
+        params=params,
+        optimizer=optimizer,
+        spec=spec,
+        total_steps=total,
+        lr_at=lambda step: warmup_constant(step, spec.warmup_steps, spec.lr),
+        dataset=dataset,
+        rows_per_epoch=min(len(dataset), per_epoch * spec.batch_size),
+        seq_len=seq_len,
+        step_fn=lambda batch, step: loss_fn(wrapped, batch, step=step, teacher=teacher),
+        work_dir=work_dir,
+    )
+    model = accelerator.unwrap_model(wrapped)
+    if spec.lora is not None:
+        model = model.merge_and_unload()
+    return model.eval()

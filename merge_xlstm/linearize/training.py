@@ -1,0 +1,208 @@
+"""What every training stage shares: the accelerator, batches, LR schedules, checkpoints, metrics.
+
+Checkpoints are safetensors (tensors) plus JSON (everything else): optimizer state included, so no
+pickle is ever written or read. A checkpoint directory is replaced atomically, so a kill at any moment
+leaves either the previous or the new checkpoint, and rerunning the command resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from merge_xlstm.io import atomic_dir, atomic_file
+from merge_xlstm.recipe import OptimSpec
+
+CHECKPOINT = "checkpoint"
+
+
+def make_accelerator(device: str | None, precision: str) -> Accelerator:
+    """Single process by default; several under `accelerate launch` (DDP/FSDP) with the same code.
+
+    `precision`: auto = bf16 autocast on GPU (fp32 master weights), fp32 on CPU.
+    """
+    cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    bf16 = precision == "bf16" or (precision == "auto" and not cpu)
+    return Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no")
+
+
+def num_steps(spec: OptimSpec, seq_len: int) -> int:
+    """Optimizer steps that cover `spec.tokens` (rounded up to whole global batches)."""
+    return max(1, math.ceil(spec.tokens / (spec.batch_size * seq_len)))
+
+
+def warmup_cosine(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
+    """Linear warm-up to `peak`, then cosine decay to `floor` at `total` (stage I, paper A)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def warmup_constant(step: int, warmup: int, peak: float) -> float:
+    """Linear warm-up, then constant (stage II, paper A)."""
+    return peak * min(1.0, (step + 1) / warmup) if warmup else peak
+
+
+def micro_batches(
+    dataset: Any, step: int, spec: OptimSpec, accelerator: Accelerator, rows_per_epoch: int
+) -> Iterator[dict[str, Tensor]]:
+    """This process's micro-batches of global step `step`.
+
+    Rows are addressed by step (row = step x batch_size + i, modulo the rows of one epoch), so a
+    resumed run sees exactly the rows it would have seen, with no data-loader state to save.
+    """
+    start = step * spec.batch_size
+    rows = [(start + i) % rows_per_epoch for i in range(spec.batch_size)]
+    mine = rows[accelerator.process_index :: accelerator.num_processes]
+    for i in range(0, len(mine), spec.micro_batch_size):
+        items = [dataset[r] for r in mine[i : i + spec.micro_batch_size]]
+        yield {k: torch.stack([torch.as_tensor(it[k]) for it in items]).to(accelerator.device) for k in items[0]}
+
+
+@dataclass
+class Checkpoint:
+    """The latest resumable state of one stage, in `<work dir>/checkpoint/`."""
+
+    directory: Path
+
+    @property
+    def path(self) -> Path:
+        return self.directory / CHECKPOINT
+
+    def load(self, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> int:
+        """Restore parameters and optimizer; return the step to continue from (0 when none)."""
+        if not (self.path / "state.json").is_file():
+            return 0
+        meta = json.loads((self.path / "state.json").read_text())
+        tensors = load_file(self.path / "params.safetensors")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(tensors[name].to(p.device, p.dtype))
+        opt_tensors = load_file(self.path / "optimizer.safetensors")
+        state: dict[int, dict[str, Any]] = {}
+        for key, tensor in opt_tensors.items():
+            idx, field = key.split(".", 1)
+            state.setdefault(int(idx), {})[field] = tensor
+        for idx, scalars in meta["optimizer_scalars"].items():
+            state.setdefault(int(idx), {}).update(scalars)
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        return int(meta["step"])
+
+    def save(self, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, step: int) -> None:
+        opt = optimizer.state_dict()
+        tensors, scalars = {}, {}
+        for idx, fields in opt["state"].items():
+            for field, value in fields.items():
+                if isinstance(value, Tensor):
+                    tensors[f"{idx}.{field}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars.setdefault(str(idx), {})[field] = value
+        with atomic_dir(self.path, overwrite=True) as tmp:
+            save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, tmp / "params.safetensors")
+            save_file(tensors, tmp / "optimizer.safetensors")
+            meta = {"step": step, "param_groups": opt["param_groups"], "optimizer_scalars": scalars}
+            (tmp / "state.json").write_text(json.dumps(meta))
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one row per logged step; rows past a resumed checkpoint are dropped."""
+
+    def __init__(self, path: Path, *, stage: str, resume_step: int) -> None:
+        self.path, self.stage = path, stage
+        rows = self.read(path)
+        keep = [r for r in rows if r["stage"] != stage or r["step"] <= resume_step]
+        if len(keep) != len(rows):
+            with atomic_file(path) as handle:
+                handle.writelines(json.dumps(r) + "\n" for r in keep)
+
+    @staticmethod
+    def read(path: Path) -> list[dict[str, Any]]:
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"stage": self.stage, **row}) + "\n")
+
+
+StepFn = Callable[[dict[str, Tensor], int], tuple[Tensor, dict[str, float]]]
+
+
+def train_loop(
+    *,
+    stage: str,
+    accelerator: Accelerator,
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    spec: OptimSpec,
+    total_steps: int,
+    lr_at: Callable[[int], float],
+    dataset: Any,
+    rows_per_epoch: int,
+    seq_len: int,
+    step_fn: StepFn,
+    work_dir: Path,
+) -> None:
+    """Run optimizer steps from the last checkpoint to `total_steps`, logging and checkpointing.
+
+    No checkpoint is written at the end: the caller's atomically written result (seed or expert
+    directory) is the stage's completion mark, and the work directory is removed after it.
+
+    `step_fn(micro_batch, step)` returns the micro-batch's loss (mean over its tokens) and its parts;
+    micro-batch losses are averaged into one optimizer step of `spec.batch_size` rows.
+    """
+    checkpoint = Checkpoint(work_dir / stage)
+    start = checkpoint.load(params, optimizer)
+    log = MetricsLog(work_dir / "metrics.jsonl", stage=stage, resume_step=start)
+    if start >= total_steps:
+        return
+    if start:
+        accelerator.print(f"{stage}: resuming at step {start}/{total_steps}")
+    tokens_per_step = spec.batch_size * seq_len
+    bar = tqdm(total=total_steps, initial=start, desc=stage, unit="step", disable=not accelerator.is_main_process)
+    micro_per_step = math.ceil(math.ceil(spec.batch_size / accelerator.num_processes) / spec.micro_batch_size)
+    model.train()
+    for step in range(start, total_steps):
+        began = time.perf_counter()
+        lr = lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sums: dict[str, float] = {}
+        batches = list(micro_batches(dataset, step, spec, accelerator, rows_per_epoch))
+        for i, batch in enumerate(batches):
+            sync = i == len(batches) - 1
+            with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
+                loss, parts = step_fn(batch, step)
+            accelerator.backward(loss / micro_per_step)
+            for key, value in {"loss": loss.item(), **parts}.items():
+                sums[key] = sums.get(key, 0.0) + value / len(batches)
+        grad_norm = accelerator.clip_grad_norm_(list(params.values()), spec.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tok_s = tokens_per_step / (time.perf_counter() - began)
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+        if done % spec.log_every == 0 or done == total_steps or step == start:
+            if accelerator.is_main_process:
+                log.write({"step": done, "tokens": done * tokens_per_step, "lr": lr,
+                           "grad_norm": float(grad_norm), "tokens_per_s": tok_s, **sums})
+        if done % spec.save_every == 0 and done < total_steps and accelerator.is_main_process:
+            checkpoint.save(params, optimizer, done)
+    bar.close()
