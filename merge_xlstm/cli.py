@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--allow-unsafe-code", action="store_true",
                    help="run code tasks even where the sandbox cannot isolate them (not recommended)")
+    from merge_xlstm.eval.suites import ListSuitesAction
+
+    p.add_argument("--list-suites", action=ListSuitesAction, help="list the packaged suites and exit")
 
     p = sub.add_parser(
         "compare",

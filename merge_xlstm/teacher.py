@@ -54,7 +54,7 @@ def _smollm2_gguf() -> Path:
 
 
 def cache_dir() -> Path:
-    """Where converted teachers live: $MERGE_XLSTM_CACHE, else $XDG_CACHE_HOME/merge_xlstm, else ~/.cache/merge_xlstm."""
+    """Where converted teachers live: $MERGE_XLSTM_CACHE, $XDG_CACHE_HOME/merge_xlstm or ~/.cache/merge_xlstm."""
     if os.environ.get("MERGE_XLSTM_CACHE"):
         return Path(os.environ["MERGE_XLSTM_CACHE"]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "merge_xlstm"
@@ -175,8 +175,8 @@ def load_teacher(
     """Load the teacher's causal LM (eval mode) and tokenizer; `dtype=None` keeps the stored dtype.
 
     The tokenizer always has a pad token, because batching needs one: a tokenizer without one gets
-    pad = eos. That is safe here since every batch carries an attention mask, so pad positions are
-    never attended to nor trained on, and eos keeps its meaning where it is real.
+    pad = eos, the usual choice (SmolLM2's own tokenizer does it). Padding is identified by the
+    attention mask, never by the id, so a real eos keeps its meaning.
     """
     where = str(name_or_path)
     path = resolve_teacher(name_or_path)

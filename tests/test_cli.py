@@ -23,7 +23,10 @@ SUBCOMMANDS = ("linearize", "merge", "eval", "compare")
 END_TO_END_CASES = ("malformed-yaml", "unknown-nested-key", "set-bad-yaml")
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+Completed = subprocess.CompletedProcess[str]
+
+
+def run_cli(*args: str) -> Completed:
     """`python -m merge_xlstm ARGS` as a user runs it (same interpreter, inherited offline env)."""
     return subprocess.run(
         [sys.executable, "-m", "merge_xlstm", *args], capture_output=True, text=True, timeout=300, check=False
@@ -44,7 +47,7 @@ def assert_one_line_error(stderr: str, path: Path, expected: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def processes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path | None, subprocess.CompletedProcess[str]]]:
+def processes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path | None, Completed]]:
     """Every subprocess this module checks, started together so their start-up costs overlap."""
     jobs: dict[str, tuple[Path | None, list[str]]] = {"--help": (None, ["--help"])}
     for case in END_TO_END_CASES:

@@ -13,22 +13,25 @@ from safetensors.torch import load_file, save_file
 
 from merge_xlstm.cli import main as cli
 from merge_xlstm.provenance import read_metadata, weights_digest, write_metadata
-from merge_xlstm.testing import tiny_teacher
+from merge_xlstm.student import from_teacher
+from merge_xlstm.testing import tiny_teacher, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = "model.safetensors"
 
 
-def _save_student(path: Path, **config_overrides) -> None:
-    tiny_teacher("llama", **config_overrides).save_pretrained(path)
+def _save_student(path: Path, window_size: int = 8) -> None:
+    student = from_teacher(tiny_teacher("llama"), kind="hybrid", mixer="hybrid", window_size=window_size,
+                           num_sink_tokens=2)
+    student.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
 
 
 @pytest.fixture(scope="module")
 def seed(tmp_path_factory) -> Path:
-    """A seed directory with its provenance: kind seed, seed_id = digest of its own weights."""
+    """A tiny student seed with its provenance: kind seed, seed_id = digest of its own weights."""
     path = tmp_path_factory.mktemp("seed") / "seed"
     _save_student(path)
-    (path / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0}}}))
     write_metadata(path, {"kind": "seed", "seed_id": weights_digest(path)})
     return path
 
@@ -98,8 +101,8 @@ def test_linear_is_the_normalised_convex_combination(tmp_path, seed, experts):
     assert [e["provenance"]["name"] for e in record["experts"]] == ["math", "code", "stem"]
     card = (tmp_path / "merged" / "README.md").read_text()
     assert "normalised" in card and "method: linear" in card and "math" in card
-    assert (tmp_path / "merged" / "tokenizer.json").is_file()
-    assert (tmp_path / "merged" / "config.json").is_file()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json"):
+        assert (tmp_path / "merged" / name).is_file(), name
 
 
 def test_task_arithmetic_is_base_plus_scaled_task_vectors(tmp_path, seed, experts):
@@ -122,15 +125,18 @@ def test_one_expert_with_weight_one_is_the_identity(tmp_path, seed, experts, met
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear"])
 def test_sparse_methods_make_a_model_that_loads_and_generates(tmp_path, seed, experts, method):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     recipe = recipe_for(tmp_path, method, experts, [0.5, 0.3, 0.2], base=seed,
                         parameters={"density": 0.5}, dtype="bfloat16")
     assert run_merge(tmp_path, recipe) == 0
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    assert model.dtype == torch.bfloat16
-    out = model.generate(torch.tensor([[1, 5, 7]]), max_new_tokens=4, do_sample=False)
-    assert out.shape == (1, 7)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert type(model).__name__ == "XLSTMHybridForCausalLM" and model.dtype == torch.bfloat16
+    prompt = tokenizer("1 + 1 =", return_tensors="pt")
+    out = model.generate(**prompt, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+    assert out.shape == (1, prompt["input_ids"].shape[1] + 4)
+    assert isinstance(tokenizer.decode(out[0]), str)
     merged, base = weights_of(tmp_path / "merged"), weights_of(seed)
     assert any(not torch.equal(merged[n], base[n].bfloat16()) for n in base)
 
@@ -160,7 +166,7 @@ def test_dare_is_reproducible_from_the_recipe_seed(tmp_path, seed, experts):
 
 
 def _other_config(seed: Path, path: Path) -> None:
-    _save_student(path, intermediate_size=96)
+    _save_student(path, window_size=16)
     write_metadata(path, read_metadata(seed) | {"kind": "expert"})
 
 
@@ -173,7 +179,9 @@ def _other_shape(seed: Path, path: Path) -> None:
 
 def _other_tokenizer(seed: Path, path: Path) -> None:
     make_expert(seed, path, 7)
-    (path / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"b": 0}}}))
+    tokenizer = json.loads((path / "tokenizer.json").read_text())
+    tokenizer["model"]["vocab"]["<extra>"] = 127
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer))
 
 
 def _other_seed(seed: Path, path: Path) -> None:
@@ -183,7 +191,7 @@ def _other_seed(seed: Path, path: Path) -> None:
 @pytest.mark.parametrize(
     ("make_odd", "method", "fragment"),
     [
-        (_other_config, "linear", "config field intermediate_size is 96"),
+        (_other_config, "linear", "config field window_size is 16, expected 8"),
         (_other_shape, "linear", "tensor model.layers.1.mlp.up_proj.weight has shape [127, 64]"),
         (_other_tokenizer, "linear", "tokenizer file tokenizer.json differs"),
         (_other_seed, "linear", "trained from seed ffffffffffff"),

@@ -131,7 +131,10 @@ def test_concurrent_packaged_conversions_do_not_collide(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(teacher_module, "_convert_gguf", convert)
     results: list[Path] = []
-    threads = [threading.Thread(target=lambda: results.append(resolve_teacher("test-org/fake-teacher"))) for _ in range(2)]
+    def resolve() -> None:
+        results.append(resolve_teacher("test-org/fake-teacher"))
+
+    threads = [threading.Thread(target=resolve) for _ in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -10,9 +10,9 @@ sandbox's namespaces, and:
 2. writes the program to ``main.py`` in the working directory;
 3. forks the program under resource limits (address space, CPU time, file size, no core dumps), with
    every capability dropped and ``no_new_privs`` set, stdin from ``/dev/null``;
-4. waits for it and exits with its status (128 + N when signal N killed it). In the PID-namespace
-   backends this process is (or is the only child of) the namespace's init, so when it exits the kernel
-   kills every process the program left behind, detached or not.
+4. waits for it and exits with its status (128 + N when signal N killed it). In the isolating backends
+   this process is the PID namespace's init, so when it exits the kernel kills every process the program
+   left behind, detached or not, before its parent can reap it.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ user opts into the ``unsafe`` backend (limits and a temporary directory, but no 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -70,38 +71,32 @@ class SandboxResult:
 class Backend(NamedTuple):
     isolated: bool
     wrap: Callable[[Limits], list[str]]  # command prefix that puts the init helper in the sandbox
+    init_locks_filesystem: bool = False  # the backend only makes namespaces; the init helper mounts
 
 
 BACKENDS: Registry[Backend] = Registry("sandbox backend")
 
 
-@BACKENDS.register("bwrap")
-def _bwrap() -> Backend:
-    def wrap(limits: Limits) -> list[str]:
-        return [
-            "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-            "--size", str(limits.disk_mb << 20), "--tmpfs", "/tmp",
-            "--tmpfs", "/run", "--remount-ro", "/run", "--remount-ro", "/proc", "--remount-ro", "/dev",
-            "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--chdir", "/tmp",
-        ]  # fmt: skip
-
-    return Backend(isolated=True, wrap=wrap)
+def _bwrap(limits: Limits) -> list[str]:
+    return [
+        "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+        "--size", str(limits.disk_mb << 20), "--tmpfs", "/tmp",
+        "--tmpfs", "/run", "--remount-ro", "/run", "--remount-ro", "/proc", "--remount-ro", "/dev",
+        "--unshare-all", "--as-pid-1", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+        "--chdir", "/tmp",
+    ]  # fmt: skip
 
 
-@BACKENDS.register("unshare")
-def _unshare() -> Backend:
-    def wrap(limits: Limits) -> list[str]:
-        return [
-            "unshare", "--user", "--map-root-user", "--mount", "--net", "--pid", "--ipc", "--uts",
-            "--kill-child", "--mount-proc",
-        ]  # fmt: skip  (the init helper then locks the file system itself)
-
-    return Backend(isolated=True, wrap=wrap)
+def _unshare(limits: Limits) -> list[str]:
+    return [
+        "unshare", "--user", "--map-root-user", "--mount", "--net", "--pid", "--ipc", "--uts",
+        "--kill-child", "--mount-proc",
+    ]  # fmt: skip
 
 
-@BACKENDS.register("unsafe")
-def _unsafe() -> Backend:
-    return Backend(isolated=False, wrap=lambda limits: [])
+BACKENDS.register("bwrap")(Backend(isolated=True, wrap=_bwrap))
+BACKENDS.register("unshare")(Backend(isolated=True, wrap=_unshare, init_locks_filesystem=True))
+BACKENDS.register("unsafe")(Backend(isolated=False, wrap=lambda limits: []))
 
 
 def run(
@@ -120,7 +115,7 @@ def run(
     """
     limits = Limits(**{**(limits or Limits()).__dict__, "timeout_s": timeout_s})
     name = backend or select_backend(allow_unsafe)
-    chosen = BACKENDS.get(name)()
+    chosen = BACKENDS.get(name)
     workdir = None if chosen.isolated else tempfile.mkdtemp(prefix="merge-xlstm-sandbox-")
     try:
         return _execute(program, limits, name, chosen, workdir)
@@ -149,7 +144,7 @@ def available_backends() -> tuple[str, ...]:
     """Isolating backends that actually run a program here, probed once per process."""
     working = []
     for name in BACKENDS:
-        backend = BACKENDS.get(name)()
+        backend = BACKENDS.get(name)
         if not backend.isolated or shutil.which(backend.wrap(Limits())[0]) is None:
             continue
         probe = _execute("print('ok')", Limits(timeout_s=20), name, backend, None)
@@ -160,7 +155,7 @@ def available_backends() -> tuple[str, ...]:
 
 def _execute(program: str, limits: Limits, name: str, backend: Backend, workdir: str | None) -> SandboxResult:
     config = {
-        "isolate": name == "unshare",  # bwrap locks the file system itself
+        "isolate": backend.init_locks_filesystem,
         "workdir": workdir or "/tmp",
         "python": sys.executable,
         "cpu_s": limits.cpu_s or limits.timeout_s,
@@ -181,7 +176,7 @@ def _execute(program: str, limits: Limits, name: str, backend: Backend, workdir:
         except subprocess.TimeoutExpired:
             returncode = None
         finally:
-            _kill_group(proc)
+            _stop(proc)
         duration = time.monotonic() - start
         timed_out = returncode is None or returncode == _SIGXCPU_EXIT
         return SandboxResult(
@@ -195,24 +190,29 @@ def _execute(program: str, limits: Limits, name: str, backend: Backend, workdir:
         )
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the sandbox's process group and wait until it is gone.
+def _stop(proc: subprocess.Popen) -> None:
+    """Kill the sandbox from the inside out, so that every process is reaped by its own parent.
 
-    The group holds the backend process and the sandbox's init; once the init is dead the kernel has
-    already killed everything else in its PID namespace, however detached.
+    SIGKILL goes first to the backend's children (the sandbox's init): the kernel then kills everything
+    else in its PID namespace, however detached, before the backend process can reap the init and exit.
+    Killing the backend first would orphan the init to a system init that may never reap it.
     """
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    if proc.poll() is None:
+        for pid in _children(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of its process group
     proc.wait()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.01)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
 
 def _program_env(home: str) -> dict[str, str]:

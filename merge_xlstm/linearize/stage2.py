@@ -17,6 +17,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from merge_xlstm.linearize import distil  # noqa: F401  (registers the delta_distil loss)
 from merge_xlstm.linearize.losses import LOSSES
 from merge_xlstm.linearize.training import num_steps, train_loop, warmup_constant
 from merge_xlstm.recipe import LinearizeRecipe

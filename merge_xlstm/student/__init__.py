@@ -16,9 +16,11 @@ from transformers import PreTrainedModel
 from merge_xlstm.errors import UserError
 from merge_xlstm.registry import Registry
 from merge_xlstm.student.families import FAMILIES
+from merge_xlstm.student.modeling_distil_xlstm import build_distil_xlstm
 from merge_xlstm.student.modeling_xlstm_hybrid import HybridMixer, XLSTMHybridConfig, XLSTMHybridForCausalLM
 
 STUDENT_KINDS: Registry[Callable[..., PreTrainedModel]] = Registry("student kind")
+STUDENT_KINDS.register("distil_xlstm")(build_distil_xlstm)
 
 # Config entries that describe the teacher's *class* or its saving, not its architecture.
 _NOT_ARCHITECTURE = {"model_type", "architectures", "transformers_version", "_name_or_path", "auto_map"}

@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,34 +33,63 @@ MLSTMState = tuple[Tensor, Tensor, Tensor]  # C (B, H, F, D), n (B, H, F), m (B,
 
 @dataclass(frozen=True)
 class MLSTMBackend:
+    """One mlstm_kernels configuration computing the normalised mLSTM  phi(q) C_t / (phi(q) n_t).
+
+    The normaliser is computed as an extra value column of ones: the kernel's output for that column
+    is phi(q) n_t over the kernel's own denominator max(|phi(q) n_t|, e^-m_t), so dividing the value
+    columns by it yields exactly phi(q) C_t / (phi(q) n_t), the kernel's denominator cancelling. This
+    matters for training: mlstm_kernels' custom and triton backward passes do not differentiate
+    through their denominator (measured: gradients of q, k, i, f off by 25-120% against autograd and
+    finite differences, bench/mlstm_kernel_check.py), while the numerator's backward is exact, so the
+    ratio gets exact gradients from every backend (tests/test_kernels.py). That holds within one kernel
+    call: the fused backward is not exact through states handed from one call to the next, so training
+    runs the whole (end-padded) sequence through a single chunkwise call.
+    """
+
     chunkwise: str
     sequence: str
     step: str
     chunk_size: int = 64
+    value_multiple: int = 1  # triton kernels want head dims in multiples of 16
 
     def __call__(
         self, q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, state: MLSTMState | None, return_state: bool
     ) -> tuple[Tensor, MLSTMState | None]:
-        """q, k (B, H, T, F); v (B, H, T, D); i, f gate pre-activations (B, H, T)."""
-        c, n, m = state if state is not None else (None, None, None)
-        out = wrap_chunkwise__arbitrary_sequence_length(
-            mlstm_chunkwise_kernel=functools.partial(get_mlstm_kernel(self.chunkwise)),
-            mlstm_sequence_kernel=get_mlstm_sequence_kernel(self.sequence),
-            mlstm_step_kernel=get_mlstm_step_kernel(self.step),
-            q=q, k=k, v=v, i=i, f=f,
-            c_initial=c, n_initial=n, m_initial=m,
-            return_last_states=return_state,
-            autocast_kernel_dtype=q.dtype,
-            chunk_size=self.chunk_size,
-        )
-        return out if return_state else (out, None)
+        """q, k (B, H, T, F); v (B, H, T, D); i, f gate pre-activations (B, H, T); one dtype for all."""
+        D = v.shape[-1]
+        extra = 1 + (-(D + 1)) % self.value_multiple
+        ones = torch.zeros(*v.shape[:-1], extra, dtype=v.dtype, device=v.device)
+        ones[..., 0] = 1
+        v = torch.cat([v, ones], dim=-1)
+        if return_state:  # prefill / decoding: any length, carrying (C, n, m); no gradients needed
+            c, n, m = state if state is not None else (None, None, None)
+            h, last = wrap_chunkwise__arbitrary_sequence_length(
+                mlstm_chunkwise_kernel=get_mlstm_kernel(self.chunkwise),
+                mlstm_sequence_kernel=get_mlstm_sequence_kernel(self.sequence),
+                mlstm_step_kernel=get_mlstm_step_kernel(self.step),
+                q=q, k=k, v=v, i=i, f=f, c_initial=c, n_initial=n, m_initial=m,
+                return_last_states=True, autocast_kernel_dtype=q.dtype, chunk_size=self.chunk_size,
+            )
+        else:  # training: one chunkwise call over the sequence zero-padded at the end (causal: harmless),
+            # because the fused backward passes no exact gradient through states handed between calls
+            T = q.shape[2]
+            pad = (-T) % self.chunk_size
+            q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+            i, f = F.pad(i, (0, pad)), F.pad(f, (0, pad))
+            h = get_mlstm_kernel(self.chunkwise)(
+                q=q, k=k, v=v, i=i, f=f, chunk_size=self.chunk_size, autocast_kernel_dtype=q.dtype
+            )[:, :, :T]
+            last = None
+        # Only padding (input gate shut since the document began) has a vanishing normaliser.
+        normaliser = h[..., D : D + 1].clamp_min(1e-30)
+        return h[..., :D] / normaliser, last
 
 
 MLSTM_BACKENDS: Registry[MLSTMBackend] = Registry("mlstm backend")
 MLSTM_BACKENDS.register("native")(MLSTMBackend("chunkwise--native_autograd", "native_sequence__native", "native"))
 # bf16 needs triton_limit_chunk: triton_xl_chunk crashes the Triton 3.6 compiler in bf16 (REFERENCE.md §6).
 MLSTM_BACKENDS.register("triton")(
-    MLSTMBackend("chunkwise--triton_limit_chunk", "native_sequence__triton", "triton", chunk_size=64)
+    MLSTMBackend("chunkwise--triton_limit_chunk", "native_sequence__triton", "triton", chunk_size=64, value_multiple=16)
 )
 
 
@@ -80,8 +111,12 @@ class TokenLayout:
     window: int
     sinks: int
 
+    @cached_property
     def dense_mask(self) -> Tensor:
-        """(B, 1, Tq, Tk) bool: same document, causal, inside the window or a sink, not padding."""
+        """(B, 1, Tq, Tk) bool: same document, causal, inside the window or a sink, not padding.
+
+        Cached on the layout, which all layers of one forward pass share.
+        """
         q_doc, q_pos = self.q_doc[:, :, None], self.q_pos[:, :, None]
         k_doc, k_pos = self.k_doc[:, None, :], self.k_pos[:, None, :]
         allowed = (
@@ -96,29 +131,35 @@ class TokenLayout:
         last[..., -1] = True
         return (allowed | (no_key & last))[:, None]
 
+    @cached_property
+    def block_mask(self) -> Any:
+        """FlexAttention block mask of the same rule (no cache: queries are the keys), built once per forward."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        doc = torch.where(self.k_valid, self.k_doc, -1)
+        pos, window, sinks = self.k_pos, self.window, self.sinks
+
+        def mask_mod(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+            same = (doc[b, qi] == doc[b, ki]) | (qi == ki)  # padding queries see themselves only
+            near = (pos[b, qi] - pos[b, ki] < window) | (pos[b, ki] < sinks)
+            return same & (ki <= qi) & near
+
+        B, T = doc.shape
+        return create_block_mask(mask_mod, B, None, T, T, device=doc.device)
+
 
 def swa_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, scale: float) -> Tensor:
     """Reference SWA: SDPA with the dense mask. q (B, H, Tq, D); k, v (B, Hkv, Tk, D)."""
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=layout.dense_mask(), scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        q, k, v, attn_mask=layout.dense_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
 
 
 def swa_flex(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, scale: float) -> Tensor:
     """FlexAttention with a sliding-window + sinks block mask (CUDA, no cache: Tq == Tk)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    doc = torch.where(layout.k_valid, layout.k_doc, -1)
-    pos, window, sinks = layout.k_pos, layout.window, layout.sinks
-
-    def mask_mod(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
-        same = (doc[b, qi] == doc[b, ki]) | (qi == ki)  # padding queries see themselves only
-        near = (pos[b, qi] - pos[b, ki] < window) | (pos[b, ki] < sinks)
-        return same & (ki <= qi) & near
-
-    B, _, T, _ = q.shape
-    block_mask = create_block_mask(mask_mod, B, None, T, T, device=q.device)
-    return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    if q.shape[2] != k.shape[2]:  # decoding against cached keys: few queries, SDPA is the right tool
+        return swa_sdpa(q, k, v, layout, scale)
+    return _compiled_flex()(q, k, v, block_mask=layout.block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 @functools.cache

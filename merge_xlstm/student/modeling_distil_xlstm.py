@@ -13,10 +13,12 @@ How the package's blocks are used, and where this file had to step in:
   tokens become a row of their own, right-padded to the longest in its group, and the outputs are
   scattered back. Right padding cannot leak into causal outputs, so this is exact. Documents are
   grouped into power-of-two length buckets, so padding costs at most 2x the real tokens (4x for the
-  mLSTM's quadratic parallel form) however unequal the documents are.
+  mLSTM's quadratic parallel form) however unequal the documents are; packed rows of 20-900-token
+  documents trained 13% slower than single-document rows (SmolLM2 size, H100).
 - Recurrent form (``use_cache=True``, generate): each block's ``step`` one token at a time, prompt
   included. The package's mLSTM layer cannot return its final state from the parallel form, so
-  there is no parallel prefill; the prompt costs one step per token. Padding tokens
+  there is no parallel prefill; the prompt costs one step per token (~10 ms per step for a batch of 8
+  at SmolLM2 size on an H100). Padding tokens
   (``attention_mask`` 0) leave the state untouched and ``position_ids`` 0 resets it, so a left-padded
   batch decodes like each row alone.
 - The mLSTM cell precomputes a ``context_length``² causal mask and silently mis-masks longer inputs;
@@ -24,8 +26,9 @@ How the package's blocks are used, and where this file had to step in:
 - The sLSTM cell's CUDA and vanilla backends store their weights in different layouts. Checkpoints
   always hold the vanilla layout; on a GPU :class:`_SLSTMCell` converts the weights and runs the
   package's CUDA kernel (``slstm_backend="auto"``; built by torch on first use, ~30 s, then cached).
-  On the GPU image it is ~40x faster than the vanilla per-step Python loop. Its recurrence runs in
-  the activations' dtype; use ``slstm_backend="vanilla"`` to force the portable path.
+  A SmolLM2-size distillation step (teacher included) ran 43x faster with it than with the vanilla
+  per-step Python loop on an H100 (26k vs 0.6k tokens/s); in fp32 both agree to 1e-6. Its recurrence
+  runs in the activations' dtype; ``slstm_backend="vanilla"`` forces the portable path.
 - transformers' generic ``_init_weights`` (normal(0, 0.02) on every Linear) would erase the blocks'
   own initialisation (small/Wang init, forget-gate bias ranges), so it is a no-op here: blocks are
   initialised by the package when built, embedding and head come from the teacher or a checkpoint.
@@ -34,6 +37,7 @@ How the package's blocks are used, and where this file had to step in:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -93,6 +97,8 @@ class DistilXLSTMConfig(PreTrainedConfig):
         bad = [i for i in self.slstm_at if not 0 <= i < self.num_blocks]
         if bad:
             raise ValueError(f"slstm_at entries must lie in [0, {self.num_blocks}), got {bad}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads {self.num_heads} must divide hidden_size {self.hidden_size}")
         if self.slstm_backend not in ("auto", "vanilla", "cuda"):
             raise ValueError(f"slstm_backend must be auto, vanilla or cuda, got {self.slstm_backend!r}")
         super().__post_init__(**kwargs)
@@ -181,7 +187,7 @@ class DistilXLSTMCache:
         self.blocks = [_map_state(lambda t, dim: t.index_select(dim, beam_idx.to(t.device)), s) for s in self.blocks]
 
 
-def _map_state(fn: Any, state: BlockState, *others: BlockState) -> BlockState:
+def _map_state(fn: Callable[..., Tensor], state: BlockState, *others: BlockState) -> BlockState:
     """Apply ``fn(tensor, batch_dim, *matching tensors)`` to every tensor of a block state."""
     out: BlockState = {}
     for key, value in state.items():
@@ -227,8 +233,6 @@ class DistilXLSTMModel(DistilXLSTMPreTrainedModel):
 
     def __init__(self, config: DistilXLSTMConfig):
         super().__init__(config)
-        if config.hidden_size % config.num_heads:
-            raise ValueError(f"num_heads {config.num_heads} must divide hidden_size {config.hidden_size}")
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.blocks = xLSTMBlockStack(config.block_stack_config())
         for module in self.blocks.modules():
@@ -410,12 +414,10 @@ def build_distil_xlstm(
     ``unused`` takes the recipe's other ``student:`` fields (``kind``).
     """
     tconfig = teacher.config
-    if tconfig.hidden_size % num_heads:
-        raise UserError(f"num_heads {num_heads} must divide the teacher's hidden size {tconfig.hidden_size}",
-                        where="student.num_heads")
-    bad = [i for i in slstm_at if not 0 <= i < num_blocks]
-    if bad:
-        raise UserError(f"entries must lie in [0, {num_blocks}), got {bad}", where="student.slstm_at")
+    if tconfig.hidden_size % num_heads:  # the recipe cannot check this: it does not know the teacher
+        raise UserError(
+            f"must divide the teacher's hidden size {tconfig.hidden_size}, got {num_heads}", where="student.num_heads"
+        )
     config = DistilXLSTMConfig(
         vocab_size=tconfig.vocab_size,
         hidden_size=tconfig.hidden_size,

@@ -6,7 +6,7 @@ teacher's, bit for bit. Only the attention computation changes; every layer mixe
 read the same q, k, v:
 
     SWA_t   = softmax(q_t K_W^T / sqrt(d)) V_W        K_W: the last W keys of the document + its first S (sinks)
-    mLSTM_t = phi(q_t) C_t / max(|phi(q_t) n_t|, e^-m_t)   C_t = f_t C_t-1 + i_t phi(k_t) v_t^T,  n_t likewise
+    mLSTM_t = phi(q_t) C_t / (phi(q_t) n_t)             C_t = f_t C_t-1 + i_t phi(k_t) v_t^T,  n_t likewise
     h_t     = o_t * mLSTM_t + (1 - o_t) * SWA_t        o_t = sigmoid(W_og [q_t, k_t, v_t]), a scalar per head
     out     = h W_o                                     (teacher o_proj; no norm in between)
 
@@ -19,13 +19,14 @@ Design decisions the paper leaves open (each measured or tested, see tests/ and 
   mLSTM branch reads q/k before RoPE by default (``mlstm_rope=False``): a softmax feature map of a
   rotated vector does not keep RoPE's relative-position property, and the forget gate already encodes
   recency. ``mlstm_rope=True`` switches it on for comparison.
-- Normaliser: mlstm_kernels' max(|phi(q) n|, exp(-m)). Its floor exp(-m) is 1 in unstabilised units,
-  so the input-gate bias starts at ln(F^1.5): phi(q) n then exceeds the floor from the first token
-  and the branch starts as normalised linear attention (a convex combination of values), the
-  phi(q)z normaliser paper A keeps.
+- Normaliser: exactly phi(q) n_t, the one paper A keeps, so the branch is normalised linear attention
+  (a convex combination of values) with gated decay. mlstm_kernels' own denominator
+  max(|phi(q) n|, e^-m) would add a floor, and its fused backward ignores the denominator's gradient;
+  `kernels.MLSTMBackend` computes the exact ratio with exact gradients on every backend.
 - Initialisation: feature maps start as the identity (phi = softmax of q or k itself); forget-gate
   biases spread over [3, 6] across heads (memories of ~20 to ~400 tokens, as in xLSTM); gate weights
-  start at zero; the output gate starts at o = 0.5 so stage I sends gradient to both branches.
+  and the input-gate bias start at zero (a constant input gate cancels in the normalised ratio); the
+  output gate starts at o = 0.5 so stage I sends gradient to both branches.
 - Documents: a document starts wherever ``position_ids`` is 0 (and at the first real token of a
   row). Padding (``attention_mask`` 0) is invisible: SWA never attends to it, the mLSTM state skips it
   (input gate shut, forget gate open), and sinks are the first real tokens. At a document start the
@@ -34,7 +35,6 @@ Design decisions the paper leaves open (each measured or tested, see tests/ and 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,7 +159,7 @@ class HybridMixer(nn.Module):
             self.phi_q.copy_(eye.expand_as(self.phi_q))
             self.phi_k.copy_(eye.expand_as(self.phi_k))
             self.igate.weight.zero_()
-            self.igate.bias.fill_(1.5 * math.log(self.feature_dim))
+            self.igate.bias.zero_()
             self.fgate.weight.zero_()
             self.fgate.bias.copy_(torch.linspace(3.0, 6.0, self.num_heads))
         if self.mixer == "hybrid":
@@ -234,11 +234,12 @@ class HybridMixer(nn.Module):
         f = self.fgate(x).transpose(1, 2)
         pad = ~valid[:, None, :]
         # Padding: input shut, forget open -> state untouched. Document start: forget shut -> state reset.
+        # The kernels take one dtype for all inputs (autocast leaves softmax outputs in float32).
         i = torch.where(pad, -GATE, i)
         f = torch.where(pad, GATE, torch.where(starts[:, None, :], -GATE, f))
         initial = state.mlstm if state is not None else None
         out, last = MLSTM_BACKENDS.get(self.mlstm_backend)(
-            phi_q, phi_k, v, i.float(), f.float(), initial, return_state=return_state
+            phi_q.to(v.dtype), phi_k.to(v.dtype), v, i.to(v.dtype), f.to(v.dtype), initial, return_state=return_state
         )
         return out.to(v.dtype), last
 

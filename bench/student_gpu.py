@@ -1,0 +1,177 @@
+"""GPU checks and speed of the hybrid student against its teacher (not run by CI).
+
+1. Kernel agreement: the GPU path (mlstm_kernels triton chunkwise + FlexAttention block mask) against
+   the reference path (native mlstm_kernels + dense-mask SDPA) on the same weights, forward logits and
+   backward gradients of the new parameters, in float32 and bfloat16.
+2. Decoding memory: peak GPU memory while decoding N tokens after a short and after a long prompt
+   (constant state: the two must match).
+3. Speed: prefill throughput and per-token decoding latency of teacher and student at several context
+   lengths, as ratios student / teacher in the same run.
+
+Usage: python bench/student_gpu.py --out bench.json [--model-size smollm2] [--contexts 4096 16384 32768]
+Prints and writes one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import merge_xlstm  # noqa: F401
+from merge_xlstm.student import from_teacher
+
+SIZES = {
+    # SmolLM2-135M's architecture (random weights: speed and memory do not depend on the values)
+    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=65536,
+                    rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, tie_word_embeddings=True),
+    # a Llama-3.2-1B-shaped model
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+               rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=True),
+}
+
+
+def teacher_of(size: str, dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = LlamaConfig(**SIZES[size])
+    config._attn_implementation = "sdpa"
+    return AutoModelForCausalLM.from_config(config).to("cuda", dtype).eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def kernel_agreement(size: str, dtype: torch.dtype, seq_len: int) -> dict[str, dict[str, float]]:
+    """Each GPU backend combination against the reference (native mLSTM + dense-mask SDPA)."""
+    teacher = teacher_of(size, dtype)
+    student = from_teacher(teacher, mixer="hybrid", window_size=512, num_sink_tokens=4)
+    # make the new parameters non-trivial so the check is not about the identity init
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if any(k in name for k in ("phi_q", "phi_k", "gate")):
+                p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(0, SIZES[size]["vocab_size"], (2, seq_len), device="cuda")
+    pos = torch.cat([torch.arange(seq_len // 2), torch.arange(seq_len - seq_len // 2)]).expand(2, -1).to("cuda")
+    logits, grads = {}, {}
+    combos = [("native", "sdpa"), ("triton", "sdpa"), ("native", "flex"), ("triton", "flex")]
+    for backends in combos:
+        student.model.set_backends(*backends)
+        student.zero_grad()
+        lg = student(input_ids=ids, position_ids=pos).logits
+        lg.float().logsumexp(-1).mean().backward()
+        logits[backends] = lg.detach()
+        grads[backends] = {n: p.grad.detach().clone() for n, p in student.named_parameters() if p.grad is not None}
+    ref = combos[0]
+    out = {}
+    for backends in combos[1:]:
+        errs = {n: rel_err(grads[backends][n], grads[ref][n]) for n in grads[ref]}
+        worst = sorted(errs, key=errs.get, reverse=True)[:3]
+        out["+".join(backends)] = {
+            "logits_rel_err": rel_err(logits[backends], logits[ref]),
+            "logits_max_abs_err": (logits[backends].float() - logits[ref].float()).abs().max().item(),
+            "grad_rel_err_median": sorted(errs.values())[len(errs) // 2],
+            "grad_rel_err_worst": {n: errs[n] for n in worst},
+            "grad_norm_of_worst": {n: grads[ref][n].float().norm().item() for n in worst},
+        }
+    return out
+
+
+@torch.no_grad()
+def decode_memory(size: str, prompts: list[int], new_tokens: int) -> dict[str, float]:
+    teacher = teacher_of(size, torch.bfloat16)
+    student = from_teacher(teacher, mixer="hybrid", window_size=512, num_sink_tokens=4)
+    del teacher
+    result = {}
+    for length in prompts:
+        ids = torch.randint(0, SIZES[size]["vocab_size"], (1, length), device="cuda")
+        out = student(input_ids=ids, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        nxt = out.logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        began = time.perf_counter()
+        for _ in range(new_tokens):
+            out = student(input_ids=nxt, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        result[f"prompt_{length}"] = {
+            "decode_peak_minus_start_MiB": (torch.cuda.max_memory_allocated() - base) / 2**20,
+            "allocated_after_decode_MiB": torch.cuda.memory_allocated() / 2**20,
+            "ms_per_token": 1000 * (time.perf_counter() - began) / new_tokens,
+        }
+        del cache, out
+        torch.cuda.empty_cache()
+    return result
+
+
+def timed(fn, repeats: int = 3) -> float:
+    fn()
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - began) / repeats
+
+
+@torch.no_grad()
+def speed(size: str, contexts: list[int], decode_tokens: int) -> dict[str, dict[str, float]]:
+    teacher = teacher_of(size, torch.bfloat16)
+    student = from_teacher(teacher, mixer="hybrid", window_size=512, num_sink_tokens=4)
+    result = {}
+    for T in contexts:
+        ids = torch.randint(0, SIZES[size]["vocab_size"], (1, T), device="cuda")
+        row: dict[str, float] = {}
+        for name, model in (("teacher", teacher), ("student", student)):
+            try:
+                prefill = timed(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1))
+                row[f"{name}_prefill_tok_s"] = T / prefill
+                out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                torch.cuda.synchronize()
+                began = time.perf_counter()
+                for _ in range(decode_tokens):
+                    out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+                    nxt = out.logits[:, -1:].argmax(-1)
+                torch.cuda.synchronize()
+                row[f"{name}_decode_ms_per_token"] = 1000 * (time.perf_counter() - began) / decode_tokens
+                del cache, out
+            except torch.OutOfMemoryError:
+                row[f"{name}_prefill_tok_s"] = float("nan")
+            torch.cuda.empty_cache()
+        row["prefill_speedup"] = row["student_prefill_tok_s"] / row["teacher_prefill_tok_s"]
+        row["decode_speedup"] = row["teacher_decode_ms_per_token"] / row["student_decode_ms_per_token"]
+        result[str(T)] = row
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench-student-gpu.json")
+    parser.add_argument("--model-size", default="smollm2", choices=sorted(SIZES))
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
+    parser.add_argument("--decode-tokens", type=int, default=1000)
+    args = parser.parse_args()
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model_size": args.model_size}
+    sections = {
+        "agreement_fp32": lambda: kernel_agreement(args.model_size, torch.float32, 1024),
+        "agreement_bf16": lambda: kernel_agreement(args.model_size, torch.bfloat16, 1024),
+        "decode_memory": lambda: decode_memory(args.model_size, [1024, 16384], args.decode_tokens),
+        "speed": lambda: speed(args.model_size, args.contexts, 200),
+    }
+    for name, run in sections.items():  # written after each section, so a time-out keeps what finished
+        report[name] = run()
+        print(name, json.dumps(report[name]), flush=True)
+        with open(args.out, "w") as handle:
+            handle.write(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""`merge-xlstm eval MODEL... --suite NAME`: one packaged suite, several models, identical settings.
+
+Every model (a directory written by this package, any ``save_pretrained`` directory, or a teacher's hub
+id, resolved offline like ``linearize`` does) is wrapped in lm-eval's ``HFLM`` from its directory (the
+student types are registered: this module lives in the ``merge_xlstm`` package), and runs the suite's lm-eval group with the same
+tasks, shots, prompts, generation budgets, seeds, batch size, dtype and ``--limit``. lm-eval's own
+results file and per-sample logs land in ``<output>/<model>/<suite>/``, written atomically (a rerun
+replaces them), which is the layout `merge-xlstm compare` reads: ``compare results/<teacher>
+results/<student>`` then covers every suite run for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from merge_xlstm.errors import UserError
+from merge_xlstm.eval import sandbox
+from merge_xlstm.eval.suites import SUITES_DIR, Suite, get_suite
+from merge_xlstm.io import atomic_dir
+
+
+def main(args: argparse.Namespace) -> int:
+    suite = get_suite(args.suite)
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"must be at least 1, got {args.limit}", where="--limit")
+    if args.batch_size < 1:
+        raise UserError(f"must be at least 1, got {args.batch_size}", where="--batch-size")
+    if suite.executes_code:
+        _permit_code_execution(args.allow_unsafe_code)
+    from merge_xlstm.teacher import resolve_teacher
+
+    names = [output_name(spec) for spec in args.models]
+    if len(set(names)) < len(names):
+        raise UserError("the same model is listed twice", where=" ".join(args.models))
+    paths = [resolve_teacher(spec) for spec in args.models]  # every model checked before any work
+    import torch
+    from lm_eval.tasks import TaskManager
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    task_manager = TaskManager(include_path=str(SUITES_DIR), include_defaults=False)
+    for spec, name, path in zip(args.models, names, paths):
+        target = Path(args.output) / name / suite.name
+        start = time.monotonic()
+        results = evaluate(spec, path, suite, task_manager, target, device=device, batch_size=args.batch_size,
+                           limit=args.limit)  # fmt: skip
+        print(summary(spec, suite, results, time.monotonic() - start))
+    print(f"results: {Path(args.output)}/<model>/{suite.name}/ (compare them with `merge-xlstm compare`)")
+    return 0
+
+
+def output_name(spec: str) -> str:
+    """Folder name of a model's results: its path or hub id with '/' as '__', as lm-eval names them."""
+    return "__".join(part for part in Path(spec).parts if part not in ("/", ".")) or "model"
+
+
+def _permit_code_execution(allow_unsafe: bool) -> None:
+    """Refuse code suites without isolation unless allowed; lm-eval's scoring then reads the choice."""
+    if sandbox.select_backend(allow_unsafe) == "unsafe":
+        os.environ[sandbox.UNSAFE_ENV] = "1"
+        print("merge-xlstm: warning: running model-written code WITHOUT isolation (--allow-unsafe-code)", file=sys.stderr)
+
+
+def evaluate(
+    spec: str,
+    path: Path,
+    suite: Suite,
+    task_manager: Any,
+    target: Path,
+    *,
+    device: str,
+    batch_size: int,
+    limit: int | None,
+) -> dict[str, Any]:
+    """Run `suite` on the model in `path`; write lm-eval's results and samples into `target`."""
+    from lm_eval import simple_evaluate
+    from lm_eval.loggers import EvaluationTracker
+    from lm_eval.models.huggingface import HFLM
+
+    # fp32 on CPU, where bf16 matmuls are slow and add rounding; bf16 on GPUs. Same for every model.
+    lm = HFLM(pretrained=str(path), backend="causal", device=device, batch_size=batch_size,
+              dtype="float32" if device == "cpu" else "bfloat16")  # fmt: skip
+    if suite.apply_chat_template and not lm.tokenizer.chat_template:
+        raise UserError(f"suite {suite.name} renders prompts with the chat template, and this tokenizer has none",
+                        where=spec)  # fmt: skip
+    with atomic_dir(target, overwrite=True) as tmp:
+        # An output path ending in .json makes lm-eval write results_<date>.json and samples_<task>_<date>.jsonl
+        # side by side in its folder, instead of adding a folder named after the model.
+        tracker = EvaluationTracker(output_path=str(tmp / "results.json"))
+        results = simple_evaluate(
+            model=lm,
+            model_args={"pretrained": spec},
+            tasks=[suite.group],
+            task_manager=task_manager,
+            limit=limit,
+            log_samples=True,
+            evaluation_tracker=tracker,
+            apply_chat_template=suite.apply_chat_template,
+        )
+        samples = results.pop("samples")
+        tracker.save_results_aggregated(results=results, samples=samples)
+        for task in results["configs"]:
+            tracker.save_results_samples(task_name=task, samples=samples[task])
+    return results
+
+
+def summary(spec: str, suite: Suite, results: dict[str, Any], seconds: float) -> str:
+    """One line per task: the score `compare` uses and how many documents it covers."""
+    lines = [f"{spec} on suite {suite.name} ({seconds:.0f} s):"]
+    for task in suite.tasks:
+        entry = results["results"].get(task.name, {})
+        count = results.get("n-samples", {}).get(task.name, {}).get("effective", "?")
+        value = entry.get(task.primary_metric)
+        shown = "n/a" if value is None else f"{value:.4f}"
+        lines.append(f"  {task.name:<22} {task.primary_metric:<32} {shown}  ({count} docs, {task.split} split)")
+    return "\n".join(lines)
