@@ -61,7 +61,10 @@ def build_inputs(root: Path, model_kind: str, dtype: torch.dtype) -> str:
 
 
 def measure(cmd: list[str], cwd: Path) -> dict:
-    """Wall time, ru_maxrss and sampled peak RssAnon of `cmd` run in a fresh process."""
+    """Wall and CPU time, ru_maxrss and sampled peak RssAnon of `cmd` run in a fresh process.
+
+    CPU time is the steadier number on a shared machine: wall time also counts waiting for cores.
+    """
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak_anon = 0
@@ -85,6 +88,7 @@ def measure(cmd: list[str], cwd: Path) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     sampler.join()
     result = {"seconds": round(time.perf_counter() - start, 2), "returncode": proc.returncode,
+              "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
               "max_rss_mib": round(usage.ru_maxrss / 1024), "peak_rss_anon_mib": round(peak_anon / 1024)}
     if proc.returncode != 0:
         errors = [line for line in output.splitlines() if "Error" in line or "error" in line]

@@ -47,37 +47,40 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-def kernel_agreement(size: str, dtype: torch.dtype, seq_len: int) -> dict[str, dict[str, float]]:
-    """Each GPU backend combination against the reference (native mLSTM + dense-mask SDPA)."""
-    teacher = teacher_of(size, dtype)
+def kernel_agreement(size: str, seq_len: int) -> dict[str, dict[str, float]]:
+    """The GPU path (triton mLSTM + FlexAttention) in fp32 and bf16 against the fp32 reference path
+    (native mLSTM + dense-mask SDPA), same weights, two packed documents per row."""
+    teacher = teacher_of(size, torch.float32)
     student = from_teacher(teacher, mixer="hybrid", window_size=512, num_sink_tokens=4)
+    del teacher
     # make the new parameters non-trivial so the check is not about the identity init
     with torch.no_grad():
         for name, p in student.named_parameters():
             if any(k in name for k in ("phi_q", "phi_k", "gate")):
                 p.add_(0.05 * torch.randn_like(p))
     ids = torch.randint(0, SIZES[size]["vocab_size"], (2, seq_len), device="cuda")
-    pos = torch.cat([torch.arange(seq_len // 2), torch.arange(seq_len - seq_len // 2)]).expand(2, -1).to("cuda")
-    logits, grads = {}, {}
-    combos = [("native", "sdpa"), ("triton", "sdpa"), ("native", "flex"), ("triton", "flex")]
-    for backends in combos:
-        student.model.set_backends(*backends)
+    pos = torch.cat([torch.arange(seq_len // 3), torch.arange(seq_len - seq_len // 3)]).expand(2, -1).to("cuda")
+
+    def run(dtype: torch.dtype, backends: tuple[str, str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        student.to(dtype).model.set_backends(*backends)
         student.zero_grad()
-        lg = student(input_ids=ids, position_ids=pos).logits
-        lg.float().logsumexp(-1).mean().backward()
-        logits[backends] = lg.detach()
-        grads[backends] = {n: p.grad.detach().clone() for n, p in student.named_parameters() if p.grad is not None}
-    ref = combos[0]
+        logits = student(input_ids=ids, position_ids=pos).logits
+        logits.float().logsumexp(-1).mean().backward()
+        grads = {n: p.grad.detach().float().clone() for n, p in student.named_parameters()
+                 if p.grad is not None and ("phi" in n or "gate" in n)}
+        return logits.detach().float(), grads
+
+    ref_logits, ref_grads = run(torch.float32, ("native", "sdpa"))
     out = {}
-    for backends in combos[1:]:
-        errs = {n: rel_err(grads[backends][n], grads[ref][n]) for n in grads[ref]}
-        worst = sorted(errs, key=errs.get, reverse=True)[:3]
-        out["+".join(backends)] = {
-            "logits_rel_err": rel_err(logits[backends], logits[ref]),
-            "logits_max_abs_err": (logits[backends].float() - logits[ref].float()).abs().max().item(),
-            "grad_rel_err_median": sorted(errs.values())[len(errs) // 2],
-            "grad_rel_err_worst": {n: errs[n] for n in worst},
-            "grad_norm_of_worst": {n: grads[ref][n].float().norm().item() for n in worst},
+    for dtype in (torch.float32, torch.bfloat16):
+        logits, grads = run(dtype, ("triton", "flex"))
+        errs = {n: rel_err(grads[n], ref_grads[n]) for n in ref_grads}
+        big = [n for n in ref_grads if ref_grads[n].norm() > 1e-3 * max(g.norm() for g in ref_grads.values())]
+        out[str(dtype).removeprefix("torch.")] = {
+            "logits_rel_err": rel_err(logits, ref_logits),
+            "logits_max_abs_err": (logits - ref_logits).abs().max().item(),
+            "new_param_grad_rel_err_median": sorted(errs.values())[len(errs) // 2],
+            "new_param_grad_rel_err_max_over_non_negligible": max(errs[n] for n in big),
         }
     return out
 
@@ -161,8 +164,7 @@ def main() -> None:
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model_size": args.model_size}
     sections = {
-        "agreement_fp32": lambda: kernel_agreement(args.model_size, torch.float32, 1024),
-        "agreement_bf16": lambda: kernel_agreement(args.model_size, torch.bfloat16, 1024),
+        "agreement_vs_fp32_reference": lambda: kernel_agreement(args.model_size, 1024),
         "decode_memory": lambda: decode_memory(args.model_size, [1024, 16384], args.decode_tokens),
         "speed": lambda: speed(args.model_size, args.contexts, 200),
     }

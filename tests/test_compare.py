@@ -14,7 +14,7 @@ from merge_xlstm.cli import main as cli
 from merge_xlstm.errors import UserError
 from merge_xlstm.eval import tolerance
 from merge_xlstm.eval.compare import compare
-from merge_xlstm.eval.scores import ScoreTable, TaskScore
+from merge_xlstm.eval.scores import ScoreTable, TaskScore, load_scores
 from merge_xlstm.testing import tiny_teacher, tiny_tokenizer
 
 
@@ -111,9 +111,9 @@ def test_alpha_star_and_c_alpha_agree_with_brute_force_on_a_fine_grid(seed):
     assert tolerance.c_alpha(crit, star) >= Fraction(1, 2)
 
 
-def test_steps_describe_the_curve_exactly():
+def test_corners_describe_the_curve_exactly():
     crit = critical([1.0, 1.0, 1.0, 1.0], [0.9, 1.0, 0.5, 0.7])  # 0.1, 0, 0.5, 0.3
-    assert tolerance.steps(crit, 0.4) == [(0.0, 0.25), (0.1, 0.5), (0.3, 0.75), (0.4, 0.75)]
+    assert tolerance.corners(crit) == [(0.0, 0.25), (0.1, 0.5), (0.3, 0.75), (0.5, 1.0)]
 
 
 def test_paired_bootstrap_intervals():
@@ -176,6 +176,30 @@ def test_a_directory_holding_several_models_is_refused(lm_eval_runs, capsys):
     assert cli(["compare", str(teacher.parent), str(teacher)]) == 2
     err = capsys.readouterr().err.strip()
     assert "pass one model's results at a time" in err and len(err.splitlines()) == 1
+
+
+def test_a_group_with_its_own_score_is_one_benchmark(tmp_path):
+    """lm-eval's layout for a scored group (e.g. mmlu over its subjects) next to a plain task."""
+    results = {
+        "results": {
+            "mmlu": {"alias": "mmlu", "acc,none": 0.40, "acc_stderr,none": 0.01},
+            "mmlu_anatomy": {"alias": " - anatomy", "acc,none": 0.30},
+            "mmlu_astronomy": {"alias": " - astronomy", "acc,none": 0.50},
+            "hellaswag": {"alias": "hellaswag", "acc,none": 0.35, "acc_norm,none": 0.45},
+            "wikitext": {"alias": "wikitext", "word_perplexity,none": 30.0},
+        },
+        "group_subtasks": {"mmlu": ["mmlu_anatomy", "mmlu_astronomy"], "hellaswag": [], "wikitext": []},
+        "configs": {},
+        "versions": {},
+        "higher_is_better": {"wikitext": {"word_perplexity": False}},
+    }
+    path = tmp_path / "results_2026-01-01T00-00-00.json"
+    path.write_text(json.dumps(results))
+    scores = load_scores(str(path))
+    assert {t: (s.metric, s.score) for t, s in scores.tasks.items()} == {
+        "mmlu": ("acc,none", 0.40),
+        "hellaswag": ("acc_norm,none", 0.45),
+    }  # perplexity (lower is better) has no place in C_alpha
 
 
 def test_published_numbers_as_plain_mappings(tmp_path, capsys):

@@ -98,7 +98,7 @@ def test_instruction_checkers(name, kwargs, good, bad):
 
 def test_instruction_prompts_are_reproducible_and_consistent():
     docs, again = list(instructions.build_docs()), list(instructions.build_docs())
-    assert docs == again and len(docs) == instructions.NUM_PROMPTS
+    assert docs == again and len({d["prompt"] for d in docs}) == len(docs) == instructions.NUM_PROMPTS
     assert {name for d in docs for name in d["instruction_id_list"]} == set(instructions.INSTRUCTIONS.names())
     for doc in docs:
         chosen = [instructions.INSTRUCTIONS.get(n).conflicts for n in doc["instruction_id_list"]]
@@ -134,7 +134,8 @@ def test_batched_evaluation_of_the_student_matches_batch_one(student_dir, tmp_pa
     runs = {}
     for batch in (1, 5):
         out = tmp_path / f"batch{batch}"
-        assert cli(["eval", str(student_dir), "--suite", "ci", "--output", str(out), "--batch-size", str(batch)]) == 0
+        argv = ["eval", str(student_dir), "--suite", "ci", "--output", str(out), "--batch-size", str(batch), "--limit", "3"]
+        assert cli(argv) == 0
         (results_dir,) = out.glob("*/ci")
         runs[batch] = _samples(results_dir)
         result_file = next(results_dir.glob("results_*.json"))
@@ -178,6 +179,9 @@ def test_hflm_loads_a_student_directory(student_dir):
 def test_eval_refuses_bad_input_before_any_work(tmp_path, capsys, monkeypatch):
     assert cli(["eval", str(tmp_path / "missing"), "--suite", "stem"]) == 2
     assert "no such model directory" in capsys.readouterr().err
+    tiny_teacher("llama").save_pretrained(tmp_path / "no-tokenizer")
+    assert cli(["eval", str(tmp_path / "no-tokenizer"), "--suite", "stem"]) == 2
+    assert "no tokenizer files" in capsys.readouterr().err
     assert cli(["eval", "x", "--suite", "nope"]) == 2
     assert "unknown suite 'nope' (known: chat, ci, code, math, stem)" in capsys.readouterr().err
     assert cli(["eval", "x", "--suite", "stem", "--limit", "0"]) == 2

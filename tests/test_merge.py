@@ -20,20 +20,24 @@ REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = "model.safetensors"
 
 
-def _save_student(path: Path, window_size: int = 8) -> None:
-    student = from_teacher(tiny_teacher("llama"), kind="hybrid", mixer="hybrid", window_size=window_size,
-                           num_sink_tokens=2)
-    student.save_pretrained(path)
+HYBRID = dict(kind="hybrid", mixer="hybrid", window_size=8, num_sink_tokens=2)
+
+
+def _save_student(path: Path, **options) -> None:
+    from_teacher(tiny_teacher("llama"), **(HYBRID | options)).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
+
+
+def make_seed(path: Path, **options) -> Path:
+    """A tiny student seed with its provenance: kind seed, seed_id = digest of its own weights."""
+    _save_student(path, **options)
+    write_metadata(path, {"kind": "seed", "seed_id": weights_digest(path)})
+    return path
 
 
 @pytest.fixture(scope="module")
 def seed(tmp_path_factory) -> Path:
-    """A tiny student seed with its provenance: kind seed, seed_id = digest of its own weights."""
-    path = tmp_path_factory.mktemp("seed") / "seed"
-    _save_student(path)
-    write_metadata(path, {"kind": "seed", "seed_id": weights_digest(path)})
-    return path
+    return make_seed(tmp_path_factory.mktemp("seed") / "seed")
 
 
 def make_expert(seed: Path, path: Path, index: int, *, seed_id: str | None = "inherit") -> Path:
@@ -113,6 +117,21 @@ def test_task_arithmetic_is_base_plus_scaled_task_vectors(tmp_path, seed, expert
     for name, tensor in merged.items():
         expected = base[name] + 0.7 * sum(w * (sd[name] - base[name]) for w, sd in zip(weights, inputs))
         torch.testing.assert_close(tensor, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_students_with_heterogeneous_blocks_merge_tensor_by_tensor(tmp_path):
+    """Distil-xLSTM alternates sLSTM and mLSTM blocks: layer i's tensors differ from layer i+1's."""
+    from transformers import AutoModelForCausalLM
+
+    base = make_seed(tmp_path / "seed", kind="distil_xlstm", num_blocks=3, slstm_at=[0, 2])
+    experts = [make_expert(base, tmp_path / name, i) for i, name in enumerate(["math", "code"])]
+    assert run_merge(tmp_path, recipe_for(tmp_path, "task_arithmetic", experts, [0.6, 0.4], base=base)) == 0
+    merged, theta0, inputs = weights_of(tmp_path / "merged"), weights_of(base), [weights_of(p) for p in experts]
+    assert merged.keys() == theta0.keys()
+    for name, tensor in merged.items():
+        expected = theta0[name] + 0.6 * (inputs[0][name] - theta0[name]) + 0.4 * (inputs[1][name] - theta0[name])
+        torch.testing.assert_close(tensor, expected, rtol=1e-6, atol=1e-6)
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")).__name__ == "DistilXLSTMForCausalLM"
 
 
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
@@ -233,6 +252,15 @@ def test_unknown_methods_and_parameters_are_refused(tmp_path, capsys, seed, expe
     for expert in recipe["experts"]:  # parametrize cannot see fixtures: fill in the expert's path
         expert["path"] = str(experts[0])
     assert_refused(capsys, run_merge(tmp_path, recipe), fragment)
+
+
+def test_duplicate_experts_and_an_output_over_an_input_are_refused(tmp_path, capsys, seed, experts):
+    twice = recipe_for(tmp_path, "linear", [experts[0], experts[0]], [1, 1])
+    assert_refused(capsys, run_merge(tmp_path, twice), "experts.1.path:", "listed twice")
+    over_input = recipe_for(tmp_path, "linear", experts, [1, 1, 1], output=str(experts[1]), overwrite=True)
+    assert_refused(capsys, run_merge(tmp_path, over_input), "output:", "would replace one of the merge's inputs")
+    base_as_expert = recipe_for(tmp_path, "ties", [seed, experts[0]], [1, 1], base=seed)
+    assert_refused(capsys, run_merge(tmp_path, base_as_expert), "experts.0.path:", "is the base")
 
 
 def test_existing_output_is_refused_unless_overwrite(tmp_path, capsys, seed, experts):

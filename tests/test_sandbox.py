@@ -70,6 +70,28 @@ def test_memory_hog_fails_without_taking_the_machine(backend):
 
 
 @isolated
+def test_process_count_is_capped_and_every_process_is_cleaned_up(backend):
+    marker = f"sandbox-bomb-{uuid.uuid4().hex}"
+    program = f"""
+        import os
+        started = 0
+        for _ in range(200):
+            try:
+                if os.fork() == 0:
+                    os.execv("/bin/sh", ["/bin/sh", "-c", "sleep 60", {marker!r}])
+                started += 1
+            except OSError:
+                break
+        print(started)
+    """
+    result = run(program, backend, timeout_s=20.0, processes=32)
+    assert result.passed, result.stderr
+    if os.geteuid() != 0:  # the kernel exempts uid 0 from RLIMIT_NPROC, even inside a user namespace
+        assert int(result.stdout) < 32
+    assert live_processes_with(marker) == []
+
+
+@isolated
 def test_no_network_not_even_the_hosts_loopback(backend):
     server = socket.create_server(("127.0.0.1", 0))
     server.settimeout(0.2)

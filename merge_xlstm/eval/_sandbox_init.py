@@ -8,8 +8,8 @@ sandbox's namespaces, and:
    tmpfs on ``/tmp`` as the working directory, an empty read-only ``/run`` so host sockets are out of
    reach; ``bwrap`` does the same before starting us;
 2. writes the program to ``main.py`` in the working directory;
-3. forks the program under resource limits (address space, CPU time, file size, no core dumps), with
-   every capability dropped and ``no_new_privs`` set, stdin from ``/dev/null``;
+3. forks the program under resource limits (address space, CPU time, file size, processes, no core
+   dumps), with every capability dropped and ``no_new_privs`` set, stdin from ``/dev/null``;
 4. waits for it and exits with its status (128 + N when signal N killed it). In the isolating backends
    this process is the PID namespace's init, so when it exits the kernel kills every process the program
    left behind, detached or not, before its parent can reap it.
@@ -79,6 +79,8 @@ def _run_program(cfg: dict) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (cfg["memory_bytes"], cfg["memory_bytes"]))
     resource.setrlimit(resource.RLIMIT_FSIZE, (cfg["file_bytes"], cfg["file_bytes"]))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if cfg["max_processes"]:
+        resource.setrlimit(resource.RLIMIT_NPROC, (cfg["max_processes"], cfg["max_processes"]))
     if cfg["isolate"]:
         drop_privileges()
     _check(_LIBC.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")

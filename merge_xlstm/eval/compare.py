@@ -66,16 +66,22 @@ def compare(reference: ScoreTable, candidate: ScoreTable, alphas: Sequence[float
     by_domain: dict[str, list[str]] = defaultdict(list)
     for task in common:
         by_domain[tasks[task]["domain"]].append(task)
-    report = {
+    domains = {}
+    for domain, names in sorted(by_domain.items()):
+        summary = _summary([critical[t] for t in names], alphas)
+        domains[domain] = {"tasks": len(names), **summary, "mean_ratio": _mean_ratio(tasks, names)}
+    bootstrap, differences = _bootstrap(reference, candidate, common, alphas)
+    for task, (interval, documents) in differences.items():
+        tasks[task].update(difference_ci=[interval.low, interval.high], paired_documents=documents)
+    return {
         "candidate": candidate.label,
         **_summary([critical[t] for t in common], alphas),
+        "curve": [list(corner) for corner in tolerance.corners(list(critical.values()))],
         "tasks": tasks,
-        "domains": {d: {"tasks": len(ts), **_summary([critical[t] for t in ts], alphas), "mean_ratio": _mean_ratio(tasks, ts)}
-                    for d, ts in sorted(by_domain.items())},  # fmt: skip
+        "domains": domains,
         "missing_tasks": [task for task in reference.tasks if task not in candidate.tasks],
-        "bootstrap": _bootstrap(reference, candidate, common, alphas, tasks),
+        "bootstrap": bootstrap,
     }
-    return report
 
 
 def _summary(critical: list[Fraction], alphas: Sequence[float]) -> dict[str, Any]:
@@ -110,21 +116,21 @@ def _paired(ref: TaskScore, cand: TaskScore) -> tuple[np.ndarray, np.ndarray] | 
 
 
 def _bootstrap(
-    reference: ScoreTable, candidate: ScoreTable, common: list[str], alphas: Sequence[float], tasks: dict
-) -> dict[str, Any] | None:
+    reference: ScoreTable, candidate: ScoreTable, common: list[str], alphas: Sequence[float]
+) -> tuple[dict[str, Any] | None, dict[str, tuple[tolerance.Interval, int]]]:
+    """Intervals for C_alpha and alpha* (JSON-ready), and per task (difference interval, documents)."""
     pairs = {t: p for t in common if (p := _paired(reference.tasks[t], candidate.tasks[t])) is not None}
     if not pairs:
-        return None
+        return None, {}
     result = tolerance.paired_bootstrap(pairs, common, alphas, iterations=BOOTSTRAP_ITERATIONS, level=CONFIDENCE)
-    for task, interval in result.task_difference.items():
-        tasks[task]["difference_ci"] = [interval.low, interval.high]
-        tasks[task]["paired_documents"] = len(pairs[task][0])
-    return {
+    star, curve = result.alpha_star, result.c_alpha
+    summary = {
         "iterations": result.iterations,
         "confidence": CONFIDENCE,
-        "alpha_star_ci": None if result.alpha_star is None else [result.alpha_star.low, result.alpha_star.high],
-        "c_alpha_ci": None if result.c_alpha is None else {_key(a): [i.low, i.high] for a, i in result.c_alpha.items()},
+        "alpha_star_ci": None if star is None else [star.low, star.high],
+        "c_alpha_ci": None if curve is None else {_key(a): [i.low, i.high] for a, i in curve.items()},
     }
+    return summary, {task: (interval, len(pairs[task][0])) for task, interval in result.task_difference.items()}
 
 
 # ------------------------------------------------------------------------------------- output
@@ -132,18 +138,24 @@ def render(document: dict[str, Any]) -> str:
     """The comparison as plain-text tables."""
     lines = [f"reference: {document['reference']}"]
     for report in document["candidates"]:
-        lines += ["", f"candidate: {report['candidate']}", _task_table(report), "", _curve_table(report, document["alphas"])]
+        lines += ["", f"candidate: {report['candidate']}", _task_table(report), ""]
+        lines += _curve_table(report, document["alphas"])
         if report["missing_tasks"]:
             lines.append(f"not in candidate (left out): {', '.join(report['missing_tasks'])}")
     return "\n".join(lines)
 
 
 def _task_table(report: dict[str, Any]) -> str:
-    header = f"{'task':<22} {'domain':<7} {'metric':<30} {'reference':>9} {'candidate':>9} {'A_S/A_T':>8} {'alpha_b':>8}  difference 95% CI"
-    rows = [header]
+    rows = [
+        f"{'task':<22} {'domain':<7} {'metric':<30} {'reference':>9} {'candidate':>9} {'A_S/A_T':>8} {'alpha_b':>8}"
+        f"  difference, {CONFIDENCE:.0%} CI"
+    ]
     for name, t in report["tasks"].items():
         ratio = "-" if t["ratio"] is None else f"{t['ratio']:.3f}"
-        ci = "" if "difference_ci" not in t else f"[{t['difference_ci'][0]:+.3f}, {t['difference_ci'][1]:+.3f}] n={t['paired_documents']}"
+        ci = ""
+        if "difference_ci" in t:
+            low, high = t["difference_ci"]
+            ci = f"[{low:+.3f}, {high:+.3f}] over {t['paired_documents']} docs"
         rows.append(
             f"{name:<22} {t['domain']:<7} {t['metric'] or '-':<30} {t['reference']:>9.4f} {t['candidate']:>9.4f} "
             f"{ratio:>8} {t['critical_alpha']:>8.4f}  {ci}"
@@ -151,18 +163,19 @@ def _task_table(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def _curve_table(report: dict[str, Any], alphas: Sequence[float]) -> str:
-    boot = report["bootstrap"] or {}
+def _curve_table(report: dict[str, Any], alphas: Sequence[float]) -> list[str]:
     rows = [f"{'C_alpha':<12}" + "".join(f"{'a=' + _key(a):>8}" for a in alphas) + "   alpha*   verdict"]
     for label, summary in [("all", report), *report["domains"].items()]:
         verdict = "lossless" if summary["lossless"] else ("tolerant" if summary.get("tolerant") else "-")
         curve = "".join(f"{summary['c_alpha'][_key(a)]:>8.3f}" for a in alphas)
         rows.append(f"{label:<12}{curve}   {summary['alpha_star']:.4f}   {verdict}")
+    boot = report["bootstrap"] or {}
     if boot.get("alpha_star_ci"):
         low, high = boot["alpha_star_ci"]
-        rows.append(f"paired bootstrap ({boot['iterations']} resamples of documents): alpha* {CONFIDENCE:.0%} CI [{low:.4f}, {high:.4f}]")
-        rows.append("C_alpha CI: " + ", ".join(f"a={k} [{lo:.3f}, {hi:.3f}]" for k, (lo, hi) in boot["c_alpha_ci"].items()))
-    return "\n".join(rows)
+        rows.append(f"paired bootstrap over documents, {boot['iterations']} resamples, {CONFIDENCE:.0%} intervals:")
+        rows.append(f"  alpha* [{low:.4f}, {high:.4f}]")
+        rows.append("  C_alpha " + ", ".join(f"a={a} [{lo:.3f}, {hi:.3f}]" for a, (lo, hi) in boot["c_alpha_ci"].items()))
+    return rows
 
 
 def plot_curves(reports: list[dict[str, Any]], path: str, upto: float) -> None:
@@ -172,11 +185,12 @@ def plot_curves(reports: list[dict[str, Any]], path: str, upto: float) -> None:
     figure = Figure(figsize=(6.4, 4.2), layout="constrained")
     axes = figure.subplots()
     for report in reports:
-        critical = [tolerance.exact(t["critical_alpha"]) for t in report["tasks"].values()]
-        xs, ys = zip(*tolerance.steps(critical, upto))
+        corners = [(a, c) for a, c in report["curve"] if a <= upto]
+        xs, ys = zip(*corners, (upto, corners[-1][1]))
         axes.step(xs, ys, where="post", label=f"{report['candidate']} (alpha*={report['alpha_star']:.3f})")
     axes.axhline(0.5, color="grey", linestyle="--", linewidth=0.8)
-    axes.set(xlim=(0, upto), ylim=(-0.02, 1.02), xlabel="tolerance alpha", ylabel="C_alpha (share of benchmarks won or tied)")
+    axes.set(xlim=(0, upto), ylim=(-0.02, 1.02), xlabel="tolerance alpha")
+    axes.set_ylabel("C_alpha (share of benchmarks won or tied)")
     axes.legend(loc="lower right", fontsize="small")
     with atomic_file(path, "wb") as handle:
         figure.savefig(handle, format="png", dpi=150)

@@ -32,12 +32,10 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"must be at least 1, got {args.batch_size}", where="--batch-size")
     if suite.executes_code:
         _permit_code_execution(args.allow_unsafe_code)
-    from merge_xlstm.teacher import resolve_teacher
-
     names = [output_name(spec) for spec in args.models]
     if len(set(names)) < len(names):
         raise UserError("the same model is listed twice", where=" ".join(args.models))
-    paths = [resolve_teacher(spec) for spec in args.models]  # every model checked before any work
+    paths = [model_dir(spec) for spec in args.models]  # every model checked before any work
     import torch
     from lm_eval.tasks import TaskManager
 
@@ -56,6 +54,18 @@ def main(args: argparse.Namespace) -> int:
 def output_name(spec: str) -> str:
     """Folder name of a model's results: its path or hub id with '/' as '__', as lm-eval names them."""
     return "__".join(part for part in Path(spec).parts if part not in ("/", ".")) or "model"
+
+
+def model_dir(spec: str) -> Path:
+    """The directory holding `spec` (offline: local, cached or packaged), checked to be loadable."""
+    from merge_xlstm.teacher import TOKENIZER_FILES, resolve_teacher
+
+    path = resolve_teacher(spec)
+    if not (path / "config.json").is_file():
+        raise UserError("not a model directory (no config.json)", where=spec)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)})", where=spec)
+    return path
 
 
 def _permit_code_execution(allow_unsafe: bool) -> None:

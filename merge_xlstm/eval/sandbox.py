@@ -3,8 +3,9 @@
 Code benchmarks (HumanEval, MBPP) score a model by executing what it wrote, which must never touch the
 machine that runs the evaluation. :func:`run` executes one Python program with
 
-- a wall-clock limit that kills the whole process tree, a CPU-time limit, an address-space limit and a
-  file-size limit (which also caps the private working directory),
+- a wall-clock limit that kills the whole process tree, a CPU-time limit, an address-space limit per
+  process, a cap on the number of processes, and a file-size limit (which also caps the private working
+  directory),
 - no network (an empty network namespace), no view of host processes (a PID namespace),
 - the host's files read-only, a private tmpfs ``/tmp`` as the only writable place (``/run`` is hidden so
   host sockets are out of reach),
@@ -48,12 +49,12 @@ class SandboxUnavailable(UserError):
 
 @dataclass(frozen=True)
 class Limits:
-    """Resource limits of one run; the defaults suit unit-test style programs."""
+    """Resource limits of one run besides wall time; the defaults suit unit-test style programs."""
 
-    timeout_s: float = 10.0  # wall clock, sandbox start-up included
-    cpu_s: float | None = None  # default: timeout_s
+    cpu_s: float | None = None  # default: the wall-clock limit
     memory_mb: int = 1024  # address space of the program
     disk_mb: int = 64  # private /tmp size and largest file (stdout/stderr included)
+    processes: int = 256  # tasks (processes and threads) alive at once; isolating backends only
     output_bytes: int = 1 << 16  # captured per stream
 
 
@@ -82,7 +83,7 @@ def _bwrap(limits: Limits) -> list[str]:
         "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
         "--size", str(limits.disk_mb << 20), "--tmpfs", "/tmp",
         "--tmpfs", "/run", "--remount-ro", "/run", "--remount-ro", "/proc", "--remount-ro", "/dev",
-        "--unshare-all", "--as-pid-1", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+        "--unshare-all", "--unshare-user", "--as-pid-1", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
         "--chdir", "/tmp",
     ]  # fmt: skip
 
@@ -109,16 +110,15 @@ def run(
 ) -> SandboxResult:
     """Execute `program` with ``python -I`` in a sandbox and report how it ended.
 
-    `timeout_s` is the wall-clock limit (overriding ``limits.timeout_s``). `backend` defaults to the
-    first isolating backend that works here; `allow_unsafe` (default: the ``MERGE_XLSTM_ALLOW_UNSAFE_CODE``
+    `timeout_s` is the wall-clock limit, sandbox start-up included. `backend` defaults to the first
+    isolating backend that works here; `allow_unsafe` (default: the ``MERGE_XLSTM_ALLOW_UNSAFE_CODE``
     environment variable) permits falling back to the non-isolating one.
     """
-    limits = Limits(**{**(limits or Limits()).__dict__, "timeout_s": timeout_s})
     name = backend or select_backend(allow_unsafe)
     chosen = BACKENDS.get(name)
     workdir = None if chosen.isolated else tempfile.mkdtemp(prefix="merge-xlstm-sandbox-")
     try:
-        return _execute(program, limits, name, chosen, workdir)
+        return _execute(program, timeout_s, limits or Limits(), name, chosen, workdir)
     finally:
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -147,20 +147,25 @@ def available_backends() -> tuple[str, ...]:
         backend = BACKENDS.get(name)
         if not backend.isolated or shutil.which(backend.wrap(Limits())[0]) is None:
             continue
-        probe = _execute("print('ok')", Limits(timeout_s=20), name, backend, None)
+        probe = _execute("print('ok')", 20.0, Limits(), name, backend, None)
         if probe.passed and probe.stdout == "ok\n":
             working.append(name)
     return tuple(working)
 
 
-def _execute(program: str, limits: Limits, name: str, backend: Backend, workdir: str | None) -> SandboxResult:
+def _execute(
+    program: str, timeout_s: float, limits: Limits, name: str, backend: Backend, workdir: str | None
+) -> SandboxResult:
     config = {
         "isolate": backend.init_locks_filesystem,
         "workdir": workdir or "/tmp",
         "python": sys.executable,
-        "cpu_s": limits.cpu_s or limits.timeout_s,
+        "cpu_s": limits.cpu_s or timeout_s,
         "memory_bytes": limits.memory_mb << 20,
         "file_bytes": limits.disk_mb << 20,
+        # RLIMIT_NPROC counts per user and user namespace: inside the sandbox's own namespace it caps the
+        # sandbox; outside one it would count every process of the calling user (and not bind root at all).
+        "max_processes": limits.processes if backend.isolated else None,
         "env": _program_env(workdir or "/tmp"),
     }
     command = [*backend.wrap(limits), sys.executable, "-I", "-S", _INIT, json.dumps(config)]
@@ -171,7 +176,7 @@ def _execute(program: str, limits: Limits, name: str, backend: Backend, workdir:
             env=_program_env(workdir or "/tmp"), start_new_session=True,
         )  # fmt: skip
         try:
-            proc.communicate(program.encode(), timeout=limits.timeout_s)
+            proc.communicate(program.encode(), timeout=timeout_s)
             returncode: int | None = proc.returncode
         except subprocess.TimeoutExpired:
             returncode = None
@@ -222,6 +227,8 @@ def _program_env(home: str) -> dict[str, str]:
         "TMPDIR": home,
         "LANG": "C.UTF-8",
         "PYTHONDONTWRITEBYTECODE": "1",
+        "OMP_NUM_THREADS": "1",  # numeric libraries would start a thread per host core
+        "OPENBLAS_NUM_THREADS": "1",
     }
 
 

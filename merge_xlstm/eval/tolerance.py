@@ -63,11 +63,9 @@ def alpha_star(critical: Sequence[Fraction]) -> Fraction:
     return sorted(critical)[need - 1]
 
 
-def steps(critical: Sequence[Fraction], upto: float) -> list[tuple[float, float]]:
-    """The exact curve on [0, upto] as (alpha, C_alpha) corners, for a steps-post plot."""
-    corners = sorted({Fraction(0), *(a for a in critical if a <= exact(upto))})
-    points = [(float(a), float(c_alpha(critical, a))) for a in corners]
-    return [*points, (float(upto), float(c_alpha(critical, upto)))]
+def corners(critical: Sequence[Fraction]) -> list[tuple[float, float]]:
+    """The exact curve: (alpha, C_alpha) at 0 and at every critical tolerance, where C steps up."""
+    return [(float(a), float(c_alpha(critical, a))) for a in sorted({Fraction(0), *critical})]
 
 
 # ------------------------------------------------------------------------------------ bootstrap

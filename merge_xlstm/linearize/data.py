@@ -47,6 +47,7 @@ from merge_xlstm.recipe import PACKAGED_PREFIX, DataSource, DataSpec
 
 CACHE_VERSION = 1  # bump when tokenisation or packing changes what a cached dataset holds
 COLUMNS = ("input_ids", "position_ids", "labels")
+SPLITS = ("train", "validation")
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
 # Benchmarks whose every split is scored (HumanEval has only "test"): never training data.
 _EVAL_ONLY = re.compile(r"human[-_]?eval", re.IGNORECASE)
@@ -54,10 +55,15 @@ _EVAL_ONLY = re.compile(r"human[-_]?eval", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class PackedData:
-    """Packed rows of exactly ``seq_len`` tokens; items are LongTensors ``input_ids, position_ids, labels``."""
+    """Packed rows of exactly ``seq_len`` tokens; items are LongTensors ``input_ids, position_ids, labels``.
+
+    ``fingerprint`` is the cache key of the rows (spec, source contents, tokenizer, budget, seed): key
+    anything computed from them, such as stored teacher targets, on it.
+    """
 
     train: datasets.Dataset
     validation: datasets.Dataset
+    fingerprint: str
 
 
 def build_packed_dataset(spec: DataSpec, tokenizer: Any, *, num_tokens: int, seed: int, cache_dir: Path) -> PackedData:
@@ -67,20 +73,19 @@ def build_packed_dataset(spec: DataSpec, tokenizer: Any, *, num_tokens: int, see
     ``max(1, round(train rows * validation_fraction))`` rows from documents training never sees.
     """
     check_sources(spec)
-    target = Path(cache_dir) / f"packed-{_cache_key(spec, tokenizer, num_tokens, seed)}"
+    key = _cache_key(spec, tokenizer, num_tokens, seed)
+    target = Path(cache_dir) / f"packed-{key}"
     if not target.exists():
         try:
             with atomic_dir(target) as tmp:
-                train, validation = _build(spec, tokenizer, num_tokens, seed, Path(cache_dir))
-                train.save_to_disk(str(tmp / "train"))
-                validation.save_to_disk(str(tmp / "validation"))
+                for split, rows in zip(SPLITS, _build(spec, tokenizer, num_tokens, seed, Path(cache_dir))):
+                    rows.save_to_disk(str(tmp / split))
         except FileExistsError:
             # Another process built the same key meanwhile: its result is identical, so use it.
             if not target.exists():
                 raise
-    return PackedData(
-        *(datasets.load_from_disk(str(target / split)).with_format("torch") for split in ("train", "validation"))
-    )
+    train, validation = (datasets.load_from_disk(str(target / split)).with_format("torch") for split in SPLITS)
+    return PackedData(train, validation, key)
 
 
 def check_sources(spec: DataSpec) -> None:

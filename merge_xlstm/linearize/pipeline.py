@@ -83,8 +83,7 @@ def linearize(recipe: LinearizeRecipe, *, device: str | None = None) -> Path:
     seed_meta = read_metadata(seed_dir)
 
     targets_dir = cache_dir() / "targets" / fingerprint(
-        {"teacher": recipe.teacher, "data": recipe.data.model_dump(), "seed": recipe.random_seed,
-         "rows": len(data.train), "k": recipe.stage2.top_k}
+        {"teacher": recipe.teacher, "data": data.fingerprint, "k": recipe.stage2.top_k}
     )
     for split, rows, n in (("train", data.train, rows2), ("validation", data.validation, len(data.validation))):
         if recipe.student.kind == "hybrid" or split == "validation":

@@ -99,12 +99,17 @@ def get_method(name: str, where: str) -> MergeMethodInfo:
         raise UserError(exc.args[0], where=f"{where}: method") from None
 
 
-def _check_value(method: MergeMethodInfo, name: str, value: Scalar, where: str) -> None:
-    if method.expects_bool(name) != isinstance(value, bool):
-        kind = "true or false" if method.expects_bool(name) else "a number"
-        raise UserError(f"expected {kind}, got {value!r}", where=where)
-    low, high = _RANGES.get(name, (float("-inf"), float("inf")))
-    if not (low < value <= high):
+def _check(method: MergeMethodInfo, recipe: MergeRecipe, key: str, value: Scalar, where: str) -> None:
+    if key == "weight":
+        raise UserError("an expert's weight is set as experts[i].weight", where=where)
+    if key not in method.parameters:
+        known = ", ".join(method.parameters) or "none"
+        raise UserError(f"method {recipe.method} takes no parameter {key!r} (known: {known})", where=where)
+    if method.expects_bool(key) != isinstance(value, bool):
+        raise UserError(f"expected {'true or false' if method.expects_bool(key) else 'a number'}, got {value!r}",
+                        where=where)
+    low, high = _RANGES.get(key, (float("-inf"), float("inf")))
+    if not low < value <= high:
         raise UserError(f"expected a value in ({low:g}, {high:g}], got {value!r}", where=where)
 
 
@@ -116,27 +121,16 @@ def mergekit_parameters(
     Unknown names fail with the known ones listed; a parameter mergekit binds once per merge is
     refused under an expert, where mergekit would silently ignore it.
     """
-    known = ", ".join(method.parameters) or "none"
     for key, value in recipe.parameters.items():
-        spot = f"{where}: parameters.{key}"
-        if key == "weight":
-            raise UserError("set each expert's weight under experts[i].weight", where=spot)
-        if key not in method.parameters:
-            raise UserError(f"method {recipe.method} takes no parameter {key!r} (known: {known})", where=spot)
-        _check_value(method, key, value, spot)
-    per_expert = []
+        _check(method, recipe, key, value, f"{where}: parameters.{key}")
     for i, expert in enumerate(recipe.experts):
         for key, value in expert.parameters.items():
             spot = f"{where}: experts.{i}.parameters.{key}"
-            if key == "weight":
-                raise UserError("set the weight as experts[i].weight", where=spot)
-            if key not in method.parameters:
-                raise UserError(f"method {recipe.method} takes no parameter {key!r} (known: {known})", where=spot)
+            _check(method, recipe, key, value, spot)
             if not method.per_expert(key):
                 raise UserError(f"{key} applies to the whole merge: set it under parameters", where=spot)
-            _check_value(method, key, value, spot)
-        per_expert.append({"weight": expert.weight, **expert.parameters})
     if method.fixed.get("normalize") and sum(e.weight for e in recipe.experts) <= 0:
         raise UserError("the experts' weights sum to zero; a convex combination needs a positive sum",
                         where=f"{where}: experts")
-    return {**recipe.parameters, **method.fixed}, per_expert
+    expert_parameters = [{"weight": e.weight, **e.parameters} for e in recipe.experts]
+    return {**recipe.parameters, **method.fixed}, expert_parameters

@@ -80,7 +80,6 @@ def build_hybrid(
     _materialize(student, device=param.device, dtype=param.dtype)
     if config.tie_word_embeddings:
         student.lm_head.weight = student.model.embed_tokens.weight
-    student.model.set_backends()
     return student.train(teacher.training)
 
 

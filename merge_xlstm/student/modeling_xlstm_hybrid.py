@@ -149,7 +149,9 @@ class HybridMixer(nn.Module):
             self.fgate = nn.Linear(hidden, H)
         if self.mixer == "hybrid":
             self.ogate = nn.Linear((H + 2 * Hkv) * D, H)
-        self.mlstm_backend, self.swa_backend = default_backends(torch.device("cpu"))
+        # None: chosen per call from the input's device (see kernels.default_backends)
+        self.mlstm_backend: str | None = None
+        self.swa_backend: str | None = None
 
     @torch.no_grad()
     def reset_new_parameters(self) -> None:
@@ -190,6 +192,7 @@ class HybridMixer(nn.Module):
         k = k.view(B, T, Hkv, D).transpose(1, 2)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
         q_rot, k_rot = apply_rotary_pos_emb(q, k, *rope)
+        default_mlstm, default_swa = default_backends(x.device)
 
         new_state = state
         if self.mixer in ("hybrid", "swa"):
@@ -197,10 +200,12 @@ class HybridMixer(nn.Module):
             if state is not None:
                 keys = torch.cat([state.sink_k, state.win_k, k_rot], dim=2)
                 values = torch.cat([state.sink_v, state.win_v, v], dim=2)
-            swa = SWA_BACKENDS.get(self.swa_backend)(q_rot, keys, values, layout, self.scaling)
+            swa = SWA_BACKENDS.get(self.swa_backend or default_swa)(q_rot, keys, values, layout, self.scaling)
         if self.mixer in ("hybrid", "mlstm"):
             mq, mk = (q_rot, k_rot) if self.mlstm_rope else (q, k)
-            mlstm, mlstm_state = self._mlstm(x, mq, mk, v, layout.q_valid, starts, state, update is not None)
+            mlstm, mlstm_state = self._mlstm(
+                x, mq, mk, v, layout.q_valid, starts, state, update is not None, self.mlstm_backend or default_mlstm
+            )
         if update is not None:
             new_state = update.layer_state(state, k_rot, v, mlstm_state if self.mixer != "swa" else None)
 
@@ -224,6 +229,7 @@ class HybridMixer(nn.Module):
         starts: Tensor,
         state: LayerState | None,
         return_state: bool,
+        backend: str,
     ) -> tuple[Tensor, MLSTMState | None]:
         groups = self.num_heads // self.num_kv_heads
         k = k.repeat_interleave(groups, dim=1)  # GQA: head h reads KV head h // groups, as attention does
@@ -238,7 +244,7 @@ class HybridMixer(nn.Module):
         i = torch.where(pad, -GATE, i)
         f = torch.where(pad, GATE, torch.where(starts[:, None, :], -GATE, f))
         initial = state.mlstm if state is not None else None
-        out, last = MLSTM_BACKENDS.get(self.mlstm_backend)(
+        out, last = MLSTM_BACKENDS.get(backend)(
             phi_q.to(v.dtype), phi_k.to(v.dtype), v, i.to(v.dtype), f.to(v.dtype), initial, return_state=return_state
         )
         return out.to(v.dtype), last
@@ -398,10 +404,10 @@ class XLSTMHybridModel(XLSTMHybridPreTrainedModel):
         self.post_init()
 
     def set_backends(self, mlstm: str | None = None, swa: str | None = None) -> None:
-        """Choose kernel backends for every layer (default: by device, see `kernels.default_backends`)."""
-        default_mlstm, default_swa = default_backends(self.embed_tokens.weight.device)
-        mlstm, swa = mlstm or default_mlstm, swa or default_swa
-        MLSTM_BACKENDS.get(mlstm), SWA_BACKENDS.get(swa)  # fail early on unknown names
+        """Pin kernel backends for every layer; None restores the per-device default."""
+        for name, registry in ((mlstm, MLSTM_BACKENDS), (swa, SWA_BACKENDS)):
+            if name is not None:
+                registry.get(name)  # fail early on unknown names
         for layer in self.layers:
             layer.self_attn.mlstm_backend, layer.self_attn.swa_backend = mlstm, swa
 

@@ -180,23 +180,21 @@ _register(
 
 
 def build_docs() -> Iterator[dict[str, Any]]:
-    """The prompts: a writing request plus one or two compatible instructions, reproducibly."""
+    """The prompts: a writing request plus one or two compatible instructions, distinct, reproducibly."""
     rng = random.Random(SEED)
     names = INSTRUCTIONS.names()
-    for index in range(NUM_PROMPTS):
+    seen: set[str] = set()
+    while len(seen) < NUM_PROMPTS:
         chosen: list[str] = []
         for _ in range(1 if rng.random() < 0.5 else 2):
-            options = [n for n in names if all(not INSTRUCTIONS.get(n).conflicts & INSTRUCTIONS.get(c).conflicts
-                                               for c in chosen)]  # fmt: skip
-            chosen.append(rng.choice(options))
+            taken = frozenset().union(*(INSTRUCTIONS.get(c).conflicts for c in chosen))
+            chosen.append(rng.choice([n for n in names if not INSTRUCTIONS.get(n).conflicts & taken]))
         kwargs = [INSTRUCTIONS.get(name).sample(rng) for name in chosen]
         texts = [INSTRUCTIONS.get(name).template.format(**kw) for name, kw in zip(chosen, kwargs)]
-        yield {
-            "key": index,
-            "prompt": " ".join([rng.choice(REQUESTS), *texts]),
-            "instruction_id_list": chosen,
-            "kwargs": json.dumps(kwargs),
-        }
+        prompt = " ".join([rng.choice(REQUESTS), *texts])
+        if prompt not in seen:
+            seen.add(prompt)
+            yield {"key": len(seen) - 1, "prompt": prompt, "instruction_id_list": chosen, "kwargs": json.dumps(kwargs)}
 
 
 def score(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
