@@ -151,7 +151,8 @@ def main() -> None:
         (out / "ours.yaml").write_text(yaml.safe_dump(ours))
         (out / "mergekit.yaml").write_text(yaml.safe_dump(theirs))
         commands = {
-            "merge-xlstm": [sys.executable, "-m", "merge_xlstm", "merge", str(out / "ours.yaml"), "--set", "overwrite=true"],
+            "merge-xlstm": [sys.executable, "-m", "merge_xlstm", "merge", str(out / "ours.yaml"),
+                            "--set", "overwrite=true"],
             "mergekit-yaml": [str(bin_dir / "mergekit-yaml"), str(out / "mergekit.yaml"), str(out / "theirs"),
                               "--out-shard-size", "1B"],
         }

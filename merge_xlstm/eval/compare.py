@@ -174,7 +174,8 @@ def _curve_table(report: dict[str, Any], alphas: Sequence[float]) -> list[str]:
         low, high = boot["alpha_star_ci"]
         rows.append(f"paired bootstrap over documents, {boot['iterations']} resamples, {CONFIDENCE:.0%} intervals:")
         rows.append(f"  alpha* [{low:.4f}, {high:.4f}]")
-        rows.append("  C_alpha " + ", ".join(f"a={a} [{lo:.3f}, {hi:.3f}]" for a, (lo, hi) in boot["c_alpha_ci"].items()))
+        intervals = (f"a={a} [{lo:.3f}, {hi:.3f}]" for a, (lo, hi) in boot["c_alpha_ci"].items())
+        rows.append("  C_alpha " + ", ".join(intervals))
     return rows
 
 

@@ -2,8 +2,9 @@
 
 Every model (a directory written by this package, any ``save_pretrained`` directory, or a teacher's hub
 id, resolved offline like ``linearize`` does) is wrapped in lm-eval's ``HFLM`` from its directory (the
-student types are registered: this module lives in the ``merge_xlstm`` package), and runs the suite's lm-eval group with the same
-tasks, shots, prompts, generation budgets, seeds, batch size, dtype and ``--limit``. lm-eval's own
+student types are registered: this module lives in the ``merge_xlstm`` package) and runs the suite's
+lm-eval group with the same tasks, shots, prompts, generation budgets, seeds, batch size, dtype and
+``--limit``. lm-eval's own
 results file and per-sample logs land in ``<output>/<model>/<suite>/``, written atomically (a rerun
 replaces them), which is the layout `merge-xlstm compare` reads: ``compare results/<teacher>
 results/<student>`` then covers every suite run for both.
@@ -35,13 +36,13 @@ def main(args: argparse.Namespace) -> int:
     names = [output_name(spec) for spec in args.models]
     if len(set(names)) < len(names):
         raise UserError("the same model is listed twice", where=" ".join(args.models))
-    paths = [model_dir(spec) for spec in args.models]  # every model checked before any work
+    paths = [model_dir(spec, needs_chat_template=suite.apply_chat_template) for spec in args.models]
     import torch
     from lm_eval.tasks import TaskManager
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     task_manager = TaskManager(include_path=str(SUITES_DIR), include_defaults=False)
-    for spec, name, path in zip(args.models, names, paths):
+    for spec, name, path in zip(args.models, names, paths, strict=True):
         target = Path(args.output) / name / suite.name
         start = time.monotonic()
         results = evaluate(spec, path, suite, task_manager, target, device=device, batch_size=args.batch_size,
@@ -56,8 +57,10 @@ def output_name(spec: str) -> str:
     return "__".join(part for part in Path(spec).parts if part not in ("/", ".")) or "model"
 
 
-def model_dir(spec: str) -> Path:
-    """The directory holding `spec` (offline: local, cached or packaged), checked to be loadable."""
+def model_dir(spec: str, *, needs_chat_template: bool) -> Path:
+    """The directory holding `spec` (offline: local, cached or packaged), checked before any model runs."""
+    from transformers import AutoTokenizer
+
     from merge_xlstm.teacher import TOKENIZER_FILES, resolve_teacher
 
     path = resolve_teacher(spec)
@@ -65,6 +68,8 @@ def model_dir(spec: str) -> Path:
         raise UserError("not a model directory (no config.json)", where=spec)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)})", where=spec)
+    if needs_chat_template and not AutoTokenizer.from_pretrained(path).chat_template:
+        raise UserError("this suite renders prompts with the chat template, and the tokenizer has none", where=spec)
     return path
 
 
@@ -72,7 +77,7 @@ def _permit_code_execution(allow_unsafe: bool) -> None:
     """Refuse code suites without isolation unless allowed; lm-eval's scoring then reads the choice."""
     if sandbox.select_backend(allow_unsafe) == "unsafe":
         os.environ[sandbox.UNSAFE_ENV] = "1"
-        print("merge-xlstm: warning: running model-written code WITHOUT isolation (--allow-unsafe-code)", file=sys.stderr)
+        print("merge-xlstm: warning: model-written code runs WITHOUT isolation", file=sys.stderr)
 
 
 def evaluate(
@@ -94,9 +99,6 @@ def evaluate(
     # fp32 on CPU, where bf16 matmuls are slow and add rounding; bf16 on GPUs. Same for every model.
     lm = HFLM(pretrained=str(path), backend="causal", device=device, batch_size=batch_size,
               dtype="float32" if device == "cpu" else "bfloat16")  # fmt: skip
-    if suite.apply_chat_template and not lm.tokenizer.chat_template:
-        raise UserError(f"suite {suite.name} renders prompts with the chat template, and this tokenizer has none",
-                        where=spec)  # fmt: skip
     with atomic_dir(target, overwrite=True) as tmp:
         # An output path ending in .json makes lm-eval write results_<date>.json and samples_<task>_<date>.jsonl
         # side by side in its folder, instead of adding a folder named after the model.
@@ -115,6 +117,8 @@ def evaluate(
         tracker.save_results_aggregated(results=results, samples=samples)
         for task in results["configs"]:
             tracker.save_results_samples(task_name=task, samples=samples[task])
+        if not any(tmp.glob("results_*.json")):  # lm-eval logs a failed write and carries on
+            raise RuntimeError(f"lm-eval wrote no results file for {spec}")
     return results
 
 

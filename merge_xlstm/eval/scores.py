@@ -69,7 +69,7 @@ def load_scores(path_text: str) -> ScoreTable:
     if path.suffix in (".yaml", ".yml"):
         return ScoreTable(path_text, _from_mapping(_read(path, yaml.safe_load), path_text))
     if path.suffix != ".json":
-        raise UserError("expected an lm-eval results .json, a directory of them, or a .json/.yaml mapping", where=path_text)
+        raise UserError("expected lm-eval results (.json or a directory) or a .json/.yaml mapping", where=path_text)
     data = _read(path, json.loads)
     if _is_lm_eval(data):
         return ScoreTable(path_text, _from_lm_eval(path, data))
@@ -112,7 +112,10 @@ def _from_mapping(data: Any, where: str) -> dict[str, TaskScore]:
         raise UserError("expected a mapping task -> score (or task -> {score, domain})", where=where)
     entries = {}
     for task, value in data.items():
-        score, domain = (value.get("score"), value.get("domain", "other")) if isinstance(value, dict) else (value, "other")
+        if isinstance(value, dict):
+            score, domain = value.get("score"), value.get("domain", "other")
+        else:
+            score, domain = value, "other"
         if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
             raise UserError(f"score of {task!r} must be a number, got {score!r}", where=where)
         entries[str(task)] = (float(score), str(domain))

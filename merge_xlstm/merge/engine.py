@@ -48,7 +48,8 @@ def checkpoint_architecture(tensor_names: Iterable[str]) -> ModelArchitecture:
             override_num_layers=0,
         )
     )
-    return ModelArchitecture(modules={"default": ModuleDefinition(architecture=module)}, architectures=[], model_type="")
+    modules = {"default": ModuleDefinition(architecture=module)}
+    return ModelArchitecture(modules=modules, architectures=[], model_type="")
 
 
 def _reference(path: Path) -> ModelReference:

