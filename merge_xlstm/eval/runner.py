@@ -75,9 +75,12 @@ def model_dir(spec: str, *, needs_chat_template: bool) -> Path:
 
 def _permit_code_execution(allow_unsafe: bool) -> None:
     """Refuse code suites without isolation unless allowed; lm-eval's scoring then reads the choice."""
-    if sandbox.select_backend(allow_unsafe) == "unsafe":
+    backend = sandbox.select_backend(allow_unsafe)
+    if backend == "unsafe":
         os.environ[sandbox.UNSAFE_ENV] = "1"
         print("merge-xlstm: warning: model-written code runs WITHOUT isolation", file=sys.stderr)
+    else:
+        print(f"merge-xlstm: model-written code runs in the {backend} sandbox", file=sys.stderr)
 
 
 def evaluate(

@@ -53,7 +53,11 @@ def compute_targets(
     mine = [s for s in shards if s % accelerator.num_processes == accelerator.process_index]
     todo = [s for s in mine if not shard_path(directory, split, s).is_file()]
     seq_len = len(dataset[0]["input_ids"])
-    bar = tqdm(total=len(mine) * SHARD_ROWS * seq_len, initial=(len(mine) - len(todo)) * SHARD_ROWS * seq_len,
+
+    def shard_tokens(shards: list[int]) -> int:
+        return sum(min(rows, (s + 1) * SHARD_ROWS) - s * SHARD_ROWS for s in shards) * seq_len
+
+    bar = tqdm(total=shard_tokens(mine), initial=shard_tokens([s for s in mine if s not in todo]),
                desc=f"teacher top-{top_k} ({split})", unit="tok", unit_scale=True,
                disable=not accelerator.is_main_process)
     for shard in todo:
@@ -67,7 +71,7 @@ def compute_targets(
             with accelerator.autocast():
                 logits = teacher(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
             logprobs = F.log_softmax(logits.float(), dim=-1)
-            top = logprobs.topk(top_k, dim=-1)
+            top = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)  # a vocabulary may be smaller than k
             values.append(top.values.half().cpu())
             indices.append(top.indices.int().cpu())
             next_lp = logprobs[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
