@@ -224,3 +224,16 @@ def test_domain_recipes_load_and_share_what_makes_experts_mergeable() -> None:
     for name, recipe in recipes.items():
         assert recipe.output == f"experts/{name}"
         check_sources(recipe.data)  # no test split, only known packaged sources
+
+
+def test_chitchat_training_skips_the_conversations_the_chat_eval_scores():
+    from merge_xlstm.eval.suites.dialogue import is_heldout
+    from merge_xlstm.linearize import sources
+
+    everything = json.loads(
+        (sources._package_dir("chitchat_dataset", "chitchat-dataset==0.9.0") / "dataset.json").read_text()
+    )
+    training = sources._chitchat()
+    assert not any(is_heldout(cid) for cid in training)
+    assert set(training) | {cid for cid in everything if is_heldout(cid)} == set(everything)
+    assert 0.85 < len(training) / len(everything) < 0.95

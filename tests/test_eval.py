@@ -148,7 +148,7 @@ def test_batched_evaluation_of_the_student_matches_batch_one(student_dir, tmp_pa
     for batch in (1, 5):
         out = tmp_path / f"batch{batch}"
         argv = ["eval", str(student_dir), "--suite", "ci", "--output", str(out), "--batch-size", str(batch)]
-        assert cli([*argv, "--limit", "3", *CODE_FLAGS]) == 0
+        assert cli([*argv, "--limit", "2", *CODE_FLAGS]) == 0
         (results_dir,) = out.glob("*/ci")
         runs[batch] = _samples(results_dir)
         result_file = next(results_dir.glob("results_*.json"))

@@ -744,15 +744,19 @@ def stem_problems(seed: int) -> Iterator[Record]:
 # ------------------------------------------------------------------------------------------- chat
 @functools.cache
 def _chitchat() -> dict[str, Any]:
-    return json.loads((_package_dir("chitchat_dataset", "chitchat-dataset==0.9.0") / "dataset.json").read_text())
+    """The training conversations: the ones the chat eval suite holds out (`dialogue.is_heldout`) are dropped."""
+    from merge_xlstm.eval.suites.dialogue import is_heldout
+
+    everything = json.loads((_package_dir("chitchat_dataset", "chitchat-dataset==0.9.0") / "dataset.json").read_text())
+    return {cid: conversation for cid, conversation in everything.items() if not is_heldout(cid)}
 
 
 @packaged("chitchat", split="none")
 def chitchat() -> Iterator[Record]:
     """Chit-Chat Challenge human-human conversations, first speaker as user, second as assistant.
 
-    Origin: chitchat-dataset 0.9.0 (MIT), its only data file: 4,008 of its 7,168 conversations (the
-    rest have a single speaker or an empty turn); not an evaluation set.
+    Origin: chitchat-dataset 0.9.0 (MIT), its only data file, less the 10% of conversations the chat
+    eval suite holds out; of those, the ones with two speakers and no empty turn.
     """
     for conversation in _chitchat().values():
         turns = ["\n".join(u["text"] for u in turn).strip() for turn in conversation["messages"]]
