@@ -146,3 +146,18 @@ def test_gradients_reach_the_new_parameters(teacher):
     student(ids(2, 32)).logits.square().mean().backward()
     for p in new_parameters(student):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_smollm2_converts_and_its_swa_student_writes_the_teachers_text():
+    from merge_xlstm.teacher import load_teacher
+
+    teacher, tokenizer = load_teacher("HuggingFaceTB/SmolLM2-135M-Instruct")
+    student = from_teacher(teacher, mixer="swa", window_size=4096, num_sink_tokens=4)
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    want = teacher.generate(**inputs, max_new_tokens=12, do_sample=False)
+    got = student.generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert torch.equal(got, want)
+    assert "Paris" in tokenizer.decode(got[0, inputs["input_ids"].shape[1] :])
