@@ -31,7 +31,7 @@ from merge_xlstm.io import atomic_dir
 from merge_xlstm.linearize.data import build_packed_dataset
 from merge_xlstm.linearize.report import model_card, output_gate_medians, plot_losses, validation_metrics
 from merge_xlstm.linearize.stage1 import run_stage1
-from merge_xlstm.linearize.stage2 import run_stage2, steps_per_epoch
+from merge_xlstm.linearize.stage2 import run_stage2, steps_per_epoch, total_steps
 from merge_xlstm.linearize.targets import WithTargets, compute_targets
 from merge_xlstm.linearize.training import MetricsLog, make_accelerator, num_steps
 from merge_xlstm.provenance import read_metadata, weights_digest, write_metadata
@@ -111,7 +111,7 @@ def linearize(recipe: LinearizeRecipe, *, device: str | None = None) -> Path:
             "recipe_key": recipe_key,
             "teacher": recipe.teacher,
             "tokens": {"stage1": seed_meta.get("tokens", {}).get("stage1"),
-                       "stage2": steps_per_epoch(recipe) * _epochs(recipe) * recipe.stage2.batch_size * seq_len},
+                       "stage2": total_steps(recipe) * recipe.stage2.batch_size * seq_len},
             "validation": metrics,
             "output_gate_medians": gates,
         }
@@ -121,10 +121,6 @@ def linearize(recipe: LinearizeRecipe, *, device: str | None = None) -> Path:
         print(f"{output}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     accelerator.wait_for_everyone()
     return output
-
-
-def _epochs(recipe: LinearizeRecipe) -> int:
-    return recipe.stage2.distil.epochs if recipe.stage2.distil else 1
 
 
 def seed_key(recipe: LinearizeRecipe) -> str:

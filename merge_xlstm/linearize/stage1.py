@@ -84,9 +84,9 @@ def run_stage1(
     def step_fn(batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, float]]:
         inputs, targets = taps(batch)
         outputs = aligner([x.to(torch.float32) for x in inputs], batch["position_ids"])
-        per_layer = [F.mse_loss(o.float(), t.float()) for o, t in zip(outputs, targets)]
-        parts = {f"mse_l{l}": v.item() for l, v in enumerate(per_layer)}
-        return torch.stack(per_layer).sum(), parts
+        per_layer = torch.stack([F.mse_loss(o.float(), t.float()) for o, t in zip(outputs, targets)])
+        parts = {f"mse_l{l}": v for l, v in enumerate(per_layer.tolist())}  # one device sync, not one per layer
+        return per_layer.sum(), parts
 
     train_loop(
         stage="stage1",

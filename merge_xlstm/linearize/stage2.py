@@ -30,6 +30,11 @@ def stage2_loss(recipe: LinearizeRecipe, steps_per_epoch: int) -> Any:
     return LOSSES.get(LOSS_FOR_KIND[recipe.student.kind])(recipe.stage2, steps_per_epoch=steps_per_epoch)
 
 
+def total_steps(recipe: LinearizeRecipe) -> int:
+    """Optimizer steps of stage II over all epochs (one epoch unless the Delta schedule asks for more)."""
+    return steps_per_epoch(recipe) * (recipe.stage2.distil.epochs if recipe.stage2.distil else 1)
+
+
 def steps_per_epoch(recipe: LinearizeRecipe) -> int:
     epochs = recipe.stage2.distil.epochs if recipe.stage2.distil else 1
     return max(1, num_steps(recipe.stage2, recipe.data.seq_len) // epochs)
@@ -47,7 +52,7 @@ def run_stage2(
     """Train `student` (resumable from `work_dir`); return it with any LoRA adapters merged in."""
     spec, seq_len = recipe.stage2, recipe.data.seq_len
     per_epoch = steps_per_epoch(recipe)
-    total = per_epoch * (spec.distil.epochs if spec.distil else 1)
+    total = total_steps(recipe)
     loss_fn = stage2_loss(recipe, per_epoch)
     model = student
     if spec.lora is not None:

@@ -36,6 +36,7 @@ Design decisions the paper leaves open (each measured or tested, see tests/ and 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -265,6 +266,18 @@ class CacheUpdate:
     window: int
     sinks: int
 
+    # Positions are the same in every layer: computed once per forward pass, not once per layer.
+    @cached_property
+    def kept_pos(self) -> Tensor:
+        """(B, T) document positions of the tokens the cache keeps, -1 elsewhere."""
+        return torch.where(self.keep, self.pos, -1)
+
+    @cached_property
+    def sink_hits(self) -> Tensor:
+        """(B, T, S) bool: new token t is the document's sink number s."""
+        pos = self.kept_pos[:, :, None]
+        return (pos == torch.arange(self.sinks, device=pos.device)) & (pos >= 0)
+
     def layer_state(self, old: LayerState | None, k: Tensor, v: Tensor, mlstm: MLSTMState | None) -> LayerState:
         B, Hkv, T, D = k.shape
         S, W = self.sinks, self.window
@@ -276,10 +289,9 @@ class CacheUpdate:
                 win_k=k.new_zeros(B, Hkv, W, D), win_v=v.new_zeros(B, Hkv, W, D),
                 win_pos=self.pos.new_full((B, W), -1),
             )
-        pos = torch.where(self.keep, self.pos, -1)
+        pos, hit = self.kept_pos, self.sink_hits
         fresh = self.restart[:, None]
         # sinks: slot j takes the kept new token at document position j, else keeps its old content
-        hit = (pos[:, :, None] == torch.arange(S, device=pos.device)) & (pos[:, :, None] >= 0)  # (B, T, S)
         took = hit.any(1)  # (B, S)
         sel = hit.to(k.dtype)
         sink_k = torch.einsum("bts,bhtd->bhsd", sel, k)
