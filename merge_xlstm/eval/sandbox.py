@@ -39,7 +39,12 @@ from merge_xlstm.errors import UserError
 from merge_xlstm.registry import Registry
 
 UNSAFE_ENV = "MERGE_XLSTM_ALLOW_UNSAFE_CODE"
-_INIT = str(Path(__file__).with_name("_sandbox_init.py"))
+# The sandbox must not depend on host files under /tmp, which it replaces with its own tmpfs: a checkout
+# or virtual environment there (CI clones often live in /tmp) would vanish. So the init helper travels
+# as source text (`python -c`), and the interpreter is the real binary behind a venv's symlink; programs
+# get the standard library only (`-I`), never the evaluating environment's packages.
+_INIT_SOURCE = Path(__file__).with_name("_sandbox_init.py").read_text()
+_PYTHON = os.path.realpath(sys.executable)
 _SIGXCPU_EXIT = 128 + signal.SIGXCPU
 
 
@@ -159,7 +164,7 @@ def _execute(
     config = {
         "isolate": backend.init_locks_filesystem,
         "workdir": workdir or "/tmp",
-        "python": sys.executable,
+        "python": _PYTHON,
         "cpu_s": limits.cpu_s or timeout_s,
         "memory_bytes": limits.memory_mb << 20,
         "file_bytes": limits.disk_mb << 20,
@@ -168,7 +173,7 @@ def _execute(
         "max_processes": limits.processes if backend.isolated else None,
         "env": _program_env(workdir or "/tmp"),
     }
-    command = [*backend.wrap(limits), sys.executable, "-I", "-S", _INIT, json.dumps(config)]
+    command = [*backend.wrap(limits), _PYTHON, "-I", "-S", "-c", _INIT_SOURCE, json.dumps(config)]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.monotonic()
         proc = subprocess.Popen(
