@@ -121,8 +121,9 @@ def test_no_network_not_even_the_hosts_loopback(backend):
 
 @isolated
 def test_host_files_are_read_only_and_only_the_private_tmp_is_writable(backend):
-    # A directory the sandbox can see (not under /tmp, which it replaces with its own).
-    with tempfile.TemporaryDirectory(dir=Path(__file__).parent, prefix=".sandbox-victim-") as victim:
+    # A host directory the sandbox can see: not under /tmp, which it replaces with its own (the checkout
+    # itself may live there).
+    with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="merge-xlstm-sandbox-victim-") as victim:
         victim = Path(victim)
         (victim / "keep.txt").write_text("original")
         program = f"""
