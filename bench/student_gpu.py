@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import merge_xlstm  # noqa: F401
 from merge_xlstm.student import from_teacher
+from merge_xlstm.student.cache import CACHE_FIELD, output_cache
 
 SIZES = {
     # SmolLM2-135M's architecture (random weights: speed and memory do not depend on the values)
@@ -94,14 +95,14 @@ def decode_memory(size: str, prompts: list[int], new_tokens: int) -> dict[str, f
     for length in prompts:
         ids = torch.randint(0, SIZES[size]["vocab_size"], (1, length), device="cuda")
         out = student(input_ids=ids, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = output_cache(out)
         nxt = out.logits[:, -1:].argmax(-1)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         began = time.perf_counter()
         for _ in range(new_tokens):
-            out = student(input_ids=nxt, past_key_values=cache, use_cache=True)
+            out = student(input_ids=nxt, **{CACHE_FIELD: cache}, use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
         torch.cuda.synchronize()
         result[f"prompt_{length}"] = {
@@ -137,11 +138,11 @@ def speed(size: str, contexts: list[int], decode_tokens: int) -> dict[str, dict[
                 prefill = timed(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1))
                 row[f"{name}_prefill_tok_s"] = T / prefill
                 out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-                cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                cache, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
                 torch.cuda.synchronize()
                 began = time.perf_counter()
                 for _ in range(decode_tokens):
-                    out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+                    out = model(input_ids=nxt, **{CACHE_FIELD: cache}, use_cache=True)
                     nxt = out.logits[:, -1:].argmax(-1)
                 torch.cuda.synchronize()
                 row[f"{name}_decode_ms_per_token"] = 1000 * (time.perf_counter() - began) / decode_tokens

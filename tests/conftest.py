@@ -6,9 +6,11 @@ import time; subprocesses started by tests (the CLI) inherit it.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import textwrap
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +20,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
 
 from merge_xlstm.testing import FAMILY_CONFIGS, tiny_teacher, tiny_tokenizer  # noqa: E402
 
@@ -75,3 +78,30 @@ def write_text(tmp_path: Path) -> Callable[[str, str], Path]:
         return path
 
     return write
+
+
+@pytest.fixture
+def deprecations() -> Iterator[Callable[[], list[str]]]:
+    """``deprecations()`` lists the deprecations transformers reported so far in the test, on its
+    logger or as warnings raised from transformers' or our code (other libraries' are not ours to fix).
+
+    transformers' once-only warnings are reset first, so an earlier test cannot hide one.
+    """
+    logging.Logger.warning_once.cache_clear()
+    logged: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            logged.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    logger = transformers.logging.get_logger("transformers")
+    logger.addHandler(handler)
+    ours = (str(Path(transformers.__file__).parent), str(Path(__file__).parents[1] / "merge_xlstm"))
+    with warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
+        yield lambda: [m for m in logged if "deprecat" in m.lower()] + [
+            str(w.message) for w in raised
+            if issubclass(w.category, (DeprecationWarning, FutureWarning)) and w.filename.startswith(ours)
+        ]
+    logger.removeHandler(handler)

@@ -15,6 +15,7 @@ from merge_xlstm.errors import UserError
 from merge_xlstm.linearize.distil import DeltaDistilLoss, DeltaSchedule
 from merge_xlstm.linearize.losses import LOSSES
 from merge_xlstm.recipe import DistilSchedule, Stage2Spec, load_linearize_recipe
+from merge_xlstm.student.cache import output_cache
 from merge_xlstm.student.modeling_distil_xlstm import DistilXLSTMForCausalLM, build_distil_xlstm
 from merge_xlstm.testing import tiny_teacher
 
@@ -71,11 +72,11 @@ def test_parallel_form_is_the_package_stack_and_the_recurrent_form_agrees(studen
         stack = student.lm_head(student.model.blocks(student.model.embed_tokens(ids)))
         whole = student(ids, use_cache=True)
         first = student(ids[:, :4], use_cache=True)
-        rest = student(ids[:, 4:], past_key_values=first.past_key_values, use_cache=True)
+        rest = student(ids[:, 4:], cache=output_cache(first), use_cache=True)
     torch.testing.assert_close(parallel, stack, rtol=0, atol=1e-6)
     torch.testing.assert_close(whole.logits, parallel, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), parallel, rtol=1e-5, atol=1e-5)
-    assert whole.past_key_values.get_seq_length() == 9 and rest.past_key_values.get_seq_length() == 9
+    assert output_cache(whole).get_seq_length() == 9 and output_cache(rest).get_seq_length() == 9
 
 
 def test_cached_generate_equals_an_uncached_rollout(student: DistilXLSTMForCausalLM) -> None:

@@ -51,8 +51,11 @@ def write_recipe(root: Path, name: str, *, stage2_tokens: int = 64 * 4 * 6) -> P
     return path
 
 
-def test_two_experts_from_one_seed_and_a_noop_rerun(workspace: Path, capsys: pytest.CaptureFixture[str]):
+def test_two_experts_from_one_seed_and_a_noop_rerun(
+    workspace: Path, capsys: pytest.CaptureFixture[str], deprecations
+):
     code = linearize(load_linearize_recipe(write_recipe(workspace, "code")), device="cpu")
+    assert deprecations() == []
     seed = workspace / "experts" / "seed"
     seed_meta = read_metadata(seed)
     assert seed_meta["kind"] == "seed" and seed_meta["seed_id"] == weights_digest(seed)

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 import merge_xlstm  # noqa: F401  (registers the student with Auto*)
 from merge_xlstm.student import from_teacher, new_parameters
+from merge_xlstm.student.cache import output_cache
 from merge_xlstm.testing import tiny_teacher
 
 FAMILIES = ["llama", "qwen2", "olmo2"]
@@ -65,11 +66,11 @@ def test_parallel_equals_recurrent_and_chunked(teacher, mixer):
     out = student(x[:, :1], use_cache=True)
     steps = [out.logits]
     for t in range(1, x.shape[1]):
-        out = student(x[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+        out = student(x[:, t : t + 1], cache=output_cache(out), use_cache=True)
         steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), parallel, atol=ATOL, rtol=0)
     first = student(x[:, :9], use_cache=True)
-    rest = student(x[:, 9:], past_key_values=first.past_key_values, use_cache=True)
+    rest = student(x[:, 9:], cache=output_cache(first), use_cache=True)
     torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), parallel, atol=ATOL, rtol=0)
 
 
@@ -119,12 +120,12 @@ def test_decoding_state_does_not_grow(teacher):
     out = student(ids(1, 8), use_cache=True)
 
     def size(cache):
-        return sum(t.numel() for s in cache.layers for t in (*s.mlstm, s.sink_k, s.sink_v, s.win_k, s.win_v))
+        return sum(t.numel() for layer in cache.layers for t in layer.state.values())
 
-    before = size(out.past_key_values)
+    before = size(output_cache(out))
     for t in range(30):
-        out = student(ids(1, 1, seed=t), past_key_values=out.past_key_values, use_cache=True)
-    assert size(out.past_key_values) == before
+        out = student(ids(1, 1, seed=t), cache=output_cache(out), use_cache=True)
+    assert size(output_cache(out)) == before
 
 
 def test_save_and_auto_reload_is_bit_exact(teacher, tmp_path):

@@ -42,7 +42,15 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    Cache,
+    DynamicCache,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from xlstm import (
     FeedForwardConfig,
@@ -58,6 +66,13 @@ from xlstm.blocks.slstm.cell import sLSTMCell_vanilla, sLSTMCellFuncGenerator
 from xlstm.blocks.slstm.layer import sLSTMLayer
 
 from merge_xlstm.errors import UserError
+from merge_xlstm.student.cache import (
+    RecurrentGenerationMixin,
+    RecurrentLayer,
+    RecurrentLayerTypes,
+    StaticRecurrentLayer,
+    resolve_cache,
+)
 
 SLSTMBackend = Literal["auto", "vanilla", "cuda"]
 # One block's recurrent state as the package's ``step`` returns it: {"mlstm_state": (C, n, m),
@@ -65,7 +80,7 @@ SLSTMBackend = Literal["auto", "vanilla", "cuda"]
 BlockState = dict[str, Any]
 
 
-class DistilXLSTMConfig(PreTrainedConfig):
+class DistilXLSTMConfig(RecurrentLayerTypes, PreTrainedConfig):
     """The block stack's shape (paper B: 6 blocks, sLSTM at 0, 2, 4) plus the teacher's vocabulary.
 
     ``max_position_embeddings`` is the teacher's: the student has no length limit, but evaluation
@@ -73,7 +88,9 @@ class DistilXLSTMConfig(PreTrainedConfig):
     """
 
     model_type = "distil_xlstm"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
+    attribute_map = {"num_hidden_layers": "num_blocks"}  # what transformers' caches count layers by
+    cache_layer_type = "distil_xlstm"  # every block: DistilXLSTMLayerCache (see RecurrentLayerTypes)
 
     vocab_size: int = 49152
     hidden_size: int = 576
@@ -169,22 +186,51 @@ class _SLSTMCell(sLSTMCell_vanilla):
 
 
 # ----------------------------------------------------------------------------------------- cache
-class DistilXLSTMCache:
-    """Every block's recurrent state after the tokens seen so far: constant size, whatever the length.
+class DistilXLSTMLayerCache(RecurrentLayer):
+    """One block's recurrent state (the package's ``step`` state), constant in size.
 
-    generate() receives it as ``past_key_values``, hands it back with only the new token, and asks
-    ``get_seq_length()`` to know what to slice; beam search reorders it with ``reorder_cache``.
+    Stored flat: ``"mlstm_state.0"`` ... for the tuple entries of the package's state dict, so every
+    tensor is one named buffer; the sLSTM state is (4, B, D), batch on dimension 1.
     """
 
-    def __init__(self, num_blocks: int) -> None:
-        self.blocks: list[BlockState] = [{} for _ in range(num_blocks)]
-        self.steps = 0
+    _layer_type = DistilXLSTMConfig.cache_layer_type
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.steps
+    @property
+    def block_state(self) -> BlockState:
+        """The state in the package's form, as ``block.step(x, **state)`` takes it ({} before the first token)."""
+        state: BlockState = {}
+        for name, tensor in self.state.items():
+            key, _, idx = name.partition(".")
+            if idx:
+                state[key] = (*state.get(key, ()), tensor)
+            else:
+                state[key] = tensor
+        return state
 
-    def reorder_cache(self, beam_idx: Tensor) -> None:
-        self.blocks = [_map_state(lambda t, dim: t.index_select(dim, beam_idx.to(t.device)), s) for s in self.blocks]
+    def update_block_state(self, state: BlockState) -> None:
+        """Store the state ``step`` returned (in place once allocated)."""
+        flat = {}
+        for key, value in state.items():
+            if isinstance(value, tuple):
+                flat |= {f"{key}.{i}": v for i, v in enumerate(value)}
+            else:
+                flat[key] = value
+        if not self.is_initialized:
+            self.allocate(flat, {name: 1 for name in flat if name.startswith("slstm_state")})
+            return
+        for name, value in flat.items():
+            if value is not self.state[name]:  # the package updates its conv window in place
+                self.state[name].copy_(value)
+
+
+class DistilXLSTMStaticLayerCache(DistilXLSTMLayerCache, StaticRecurrentLayer):
+    """The static form (``cache_implementation="static"``): buffers allocated once, written in place.
+
+    Not compileable: the recurrent form steps through the package's blocks token by token in Python.
+    """
+
+    _layer_type = DistilXLSTMConfig.cache_layer_type
+    is_compileable = False
 
 
 def _map_state(fn: Callable[..., Tensor], state: BlockState, *others: BlockState) -> BlockState:
@@ -220,8 +266,6 @@ class DistilXLSTMPreTrainedModel(PreTrainedModel):
     config_class = DistilXLSTMConfig
     config: DistilXLSTMConfig
     base_model_prefix = "model"
-    _is_stateful = True  # no assisted generation: a recurrent state cannot be rolled back
-    _skip_keys_device_placement = ["past_key_values"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -254,11 +298,11 @@ class DistilXLSTMModel(DistilXLSTMPreTrainedModel):
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
-        past_key_values: DistilXLSTMCache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-    ) -> tuple[Tensor, DistilXLSTMCache | None, tuple[Tensor, ...] | None]:
+    ) -> tuple[Tensor, Cache | None, tuple[Tensor, ...] | None]:
         """Hidden states after the final norm, the cache (recurrent form) and, if asked, every layer's output.
 
         Like transformers' models, ``hidden_states`` holds the embedding output, each block's output
@@ -270,11 +314,11 @@ class DistilXLSTMModel(DistilXLSTMPreTrainedModel):
         if attention_mask is not None:
             valid = attention_mask[:, -T:].bool()  # generate() passes the whole mask with one new token
         starts = torch.zeros_like(valid) if position_ids is None else valid & (position_ids[:, -T:] == 0)
-        if use_cache or past_key_values is not None:
-            cache = past_key_values if past_key_values is not None else DistilXLSTMCache(len(self.blocks.blocks))
+        if use_cache or cache is not None:
+            if cache is None:
+                cache = DynamicCache(config=self.config)  # this student's cache layers, from config.layer_types
             layers = self._recurrent(embeds, valid, starts, cache, bool(output_hidden_states))
         else:
-            cache = None
             first_real = valid & (valid.cumsum(1) == 1)  # a row's first real token starts a document too
             layers = self._parallel(embeds, valid, starts | first_real, bool(output_hidden_states))
         return layers[-1], cache, (tuple(layers) if output_hidden_states else None)
@@ -311,7 +355,7 @@ class DistilXLSTMModel(DistilXLSTMPreTrainedModel):
         return ([embeds] if keep_all else []) + [out.view(B, T, D) for out in outs]
 
     def _recurrent(
-        self, embeds: Tensor, valid: Tensor, starts: Tensor, cache: DistilXLSTMCache, keep_all: bool
+        self, embeds: Tensor, valid: Tensor, starts: Tensor, cache: Cache, keep_all: bool
     ) -> list[Tensor]:
         """One ``step`` per token and block; padding keeps the state, document starts reset it."""
         has_pad = (~valid).any(0).tolist()
@@ -320,8 +364,8 @@ class DistilXLSTMModel(DistilXLSTMPreTrainedModel):
         for t in range(embeds.shape[1]):
             x = embeds[:, t : t + 1]
             layers = [x]  # the embedding, then each block's output
-            for i, block in enumerate(self.blocks.blocks):
-                state = cache.blocks[i]
+            for block, layer_cache in zip(self.blocks.blocks, cache.layers):
+                state = layer_cache.block_state
                 if state and has_start[t]:
                     state = _pick_rows(starts[:, t], _zeros_like(state), state)
                 # The conv window is updated in place by step(); keep a copy for rows that must not move.
@@ -329,21 +373,20 @@ class DistilXLSTMModel(DistilXLSTMPreTrainedModel):
                 x, new = block.step(x, **state)
                 if has_pad[t]:
                     new = _pick_rows(valid[:, t], new, old if old is not None else _zeros_like(new))
-                cache.blocks[i] = new
+                layer_cache.update_block_state(new)
+                layer_cache.advance(1)
                 layers.append(x)
             layers[-1] = self.blocks.post_blocks_norm(x)
             per_token.append(layers if keep_all else layers[-1:])
-        cache.steps += embeds.shape[1]
         return [torch.cat(column, dim=1) for column in zip(*per_token)]
 
 
-class DistilXLSTMForCausalLM(DistilXLSTMPreTrainedModel, GenerationMixin):
+class DistilXLSTMForCausalLM(RecurrentGenerationMixin, DistilXLSTMPreTrainedModel, GenerationMixin):
     """Causal LM head (the teacher's, frozen) over :class:`DistilXLSTMModel`.
 
-    The class name contains "xlstm", so transformers' generate() creates no DynamicCache for it
-    (REFERENCE.md §6): the model builds its own :class:`DistilXLSTMCache` when ``use_cache`` is
-    passed as True, returns it as ``past_key_values``, and generate() hands it back with only the new
-    token. A plain ``model(input_ids)`` takes the parallel form and builds no cache.
+    A plain ``model(input_ids)`` takes the parallel form and builds no cache; with ``use_cache`` (or a
+    cache) it takes the recurrent form. generate() works through transformers' own caches: the
+    config's ``layer_types`` make them hold :class:`DistilXLSTMLayerCache` layers.
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -371,30 +414,26 @@ class DistilXLSTMForCausalLM(DistilXLSTMPreTrainedModel, GenerationMixin):
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
-        past_key_values: DistilXLSTMCache | None = None,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
         inputs_embeds: Tensor | None = None,
         labels: Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int | Tensor = 0,
         return_dict: bool | None = None,
-        **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | tuple[Tensor, ...]:
+        """Logits (and loss with `labels`); the cache comes as `cache` or, before transformers 5.24, `past_key_values`."""
         hidden, cache, all_hidden = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=resolve_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
         )
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache, hidden_states=all_hidden)
+        return self.lm_output(hidden, cache, all_hidden, labels, logits_to_keep, return_dict)
 
 
 # --------------------------------------------------------------------------------------- builder

@@ -36,16 +36,30 @@ Design decisions the paper leaves open (each measured or tested, see tests/ and 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    Cache,
+    DynamicCache,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from merge_xlstm.student.cache import (
+    RecurrentGenerationMixin,
+    RecurrentLayer,
+    RecurrentLayerTypes,
+    StaticRecurrentLayer,
+    resolve_cache,
+)
 from merge_xlstm.student.families import FAMILIES, Family
 from merge_xlstm.student.kernels import (
     MLSTM_BACKENDS,
@@ -61,7 +75,7 @@ GATE = 80.0
 MIXERS = ("hybrid", "mlstm", "swa")
 
 
-class XLSTMHybridConfig(PreTrainedConfig):
+class XLSTMHybridConfig(RecurrentLayerTypes, PreTrainedConfig):
     """The teacher's config fields (flat, as the teacher had them) plus the mixer's options.
 
     Keeping the teacher's fields flat means everything transformers reads from a config
@@ -70,7 +84,8 @@ class XLSTMHybridConfig(PreTrainedConfig):
     """
 
     model_type = "xlstm_hybrid"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
+    cache_layer_type = "xlstm_hybrid"  # every layer: XLSTMHybridLayerCache (see RecurrentLayerTypes)
 
     teacher_family: str = "llama"
     mixer: str = "hybrid"
@@ -80,41 +95,75 @@ class XLSTMHybridConfig(PreTrainedConfig):
     mlstm_rope: bool = False
 
     def teacher_config(self) -> PreTrainedConfig:
-        own = {"teacher_family", "mixer", "window_size", "num_sink_tokens", "feature_dim", "mlstm_rope"}
+        own = {"teacher_family", "mixer", "window_size", "num_sink_tokens", "feature_dim", "mlstm_rope", "layer_types"}
         fields = {k: v for k, v in self.to_dict().items() if k not in own and k != "model_type"}
         return FAMILIES.get(self.teacher_family).config_class.from_dict(fields)
 
 
 # ----------------------------------------------------------------------------------------- cache
-@dataclass
-class LayerState:
-    """Decoding state of one layer: constant size whatever the context length."""
+class XLSTMHybridLayerCache(RecurrentLayer):
+    """Decoding state of one layer, constant in size: mLSTM (C, n, m), the sink K/V and the last-W K/V.
 
-    mlstm: MLSTMState | None  # (C, n, m) or None before the first token / for mixer "swa"
-    sink_k: Tensor  # (B, Hkv, S, D) keys of the document's first S tokens
-    sink_v: Tensor
-    sink_pos: Tensor  # (B, S) their positions in the document, -1 where empty
-    win_k: Tensor  # (B, Hkv, W, D) the last W keys
-    win_v: Tensor
-    win_pos: Tensor  # (B, W) positions, -1 where empty (or a sink, which the sink slots hold)
-
-
-class XLSTMHybridCache:
-    """Per-layer recurrent state: mLSTM (C, n, m), the sink K/V and the last W K/V.
-
-    ``seen[b]`` is the number of real tokens of row b's current document already processed; the next
-    token's position in the document. Memory is O(layers x (H·F·D + (S + W)·Hkv·D)), independent of
-    how many tokens have been decoded.
+    Key slots ``0..S-1`` hold the document's first S tokens (the sinks), slots ``S..S+W-1`` a ring of
+    its last W tokens (a token at position p >= S lives in slot S + (p - S) mod W), and one more slot
+    takes the writes of tokens the state does not keep, so every update is a single ``scatter_`` of
+    fixed shape. ``positions`` holds each slot's position in the document, -1 where empty; ``seen``
+    each row's next position. Attention reads the slots *before* a step's writes plus the step's own
+    keys (:meth:`update`), so a step of any length sees exactly the keys its window allows.
     """
 
-    def __init__(self, num_layers: int) -> None:
-        self.layers: list[LayerState | None] = [None] * num_layers
-        self.seen: Tensor | None = None
-        self.steps = 0
+    _layer_type = XLSTMHybridConfig.cache_layer_type
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens consumed so far (what generate() asks to slice its inputs)."""
-        return self.steps
+    def prepare(self, k: Tensor, v: Tensor, sinks: int, window: int) -> None:
+        """Allocate empty key slots shaped after the first step's keys ``k``, ``v`` (B, Hkv, T, D)."""
+        if self.is_initialized:
+            return
+        B, Hkv, _, D = k.shape
+        slots = sinks + window + 1
+        self.allocate({
+            "keys": k.new_zeros(B, Hkv, slots, D),
+            "values": v.new_zeros(B, Hkv, slots, v.shape[-1]),
+            "positions": torch.full((B, slots), -1, dtype=torch.long, device=k.device),
+            "seen": torch.zeros(B, dtype=torch.long, device=k.device),
+        })
+
+    @property
+    def mlstm_state(self) -> MLSTMState | None:
+        """(C, n, m) after the tokens seen, None before the first step (the kernels then start from zeros)."""
+        return (self.state["C"], self.state["n"], self.state["m"]) if "C" in self.state else None
+
+    def update(self, key_states: Tensor, value_states: Tensor, plan: "CachePlan") -> tuple[Tensor, Tensor]:
+        """Return the keys/values a step attends to (cached slots, then the step's own), then store the step's."""
+        keys = torch.cat([self.state["keys"][:, :, :-1], key_states], dim=2)
+        values = torch.cat([self.state["values"][:, :, :-1], value_states], dim=2)
+        index = plan.slots[:, None, :, None]
+        self.state["keys"].scatter_(2, index.expand_as(key_states), key_states)
+        self.state["values"].scatter_(2, index.expand_as(value_states), value_states)
+        positions = self.state["positions"]
+        positions.masked_fill_(plan.restart[:, None], -1)
+        positions.scatter_(1, plan.slots, plan.kept_pos)
+        positions[:, -1] = -1  # the slot of unkept tokens stays empty
+        self.state["seen"].copy_(plan.seen)
+        self.advance(key_states.shape[2])
+        return keys, values
+
+    def update_mlstm_state(self, state: MLSTMState) -> None:
+        if "C" not in self.state:
+            self.allocate(dict(zip("Cnm", state)))
+            return
+        for name, value in zip("Cnm", state):
+            self.state[name].copy_(value)
+
+    def reset(self) -> None:
+        super().reset()
+        if self.is_initialized:
+            self.state["positions"].fill_(-1)
+
+
+class XLSTMHybridStaticLayerCache(XLSTMHybridLayerCache, StaticRecurrentLayer):
+    """The static form (``cache_implementation="static"``): same buffers, static addresses, compileable."""
+
+    _layer_type = XLSTMHybridConfig.cache_layer_type
 
 
 # ------------------------------------------------------------------------------------ the mixer
@@ -179,10 +228,14 @@ class HybridMixer(nn.Module):
         rope: tuple[Tensor, Tensor],
         layout: TokenLayout,
         starts: Tensor,
-        state: LayerState | None,
-        update: "CacheUpdate | None",
-    ) -> tuple[Tensor, LayerState | None]:
-        """x (B, T, hidden) -> (B, T, hidden). `starts` (B, T) marks document starts among x's tokens."""
+        cache: XLSTMHybridLayerCache | None,
+        plan: "CachePlan | None",
+    ) -> Tensor:
+        """x (B, T, hidden) -> (B, T, hidden). `starts` (B, T) marks document starts among x's tokens.
+
+        With a `cache`, the step attends to the cached keys too, continues the cached mLSTM state,
+        and leaves its own keys and state in the cache (`plan` says where).
+        """
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -195,20 +248,20 @@ class HybridMixer(nn.Module):
         q_rot, k_rot = apply_rotary_pos_emb(q, k, *rope)
         default_mlstm, default_swa = default_backends(x.device)
 
-        new_state = state
+        keys, values = k_rot, v
+        if cache is not None:
+            cache.prepare(k_rot, v, self.sinks, self.window)
+            keys, values = cache.update(k_rot, v, plan)
         if self.mixer in ("hybrid", "swa"):
-            keys, values = k_rot, v
-            if state is not None:
-                keys = torch.cat([state.sink_k, state.win_k, k_rot], dim=2)
-                values = torch.cat([state.sink_v, state.win_v, v], dim=2)
             swa = SWA_BACKENDS.get(self.swa_backend or default_swa)(q_rot, keys, values, layout, self.scaling)
         if self.mixer in ("hybrid", "mlstm"):
             mq, mk = (q_rot, k_rot) if self.mlstm_rope else (q, k)
-            mlstm, mlstm_state = self._mlstm(
-                x, mq, mk, v, layout.q_valid, starts, state, update is not None, self.mlstm_backend or default_mlstm
+            initial = cache.mlstm_state if cache is not None else None
+            mlstm, last = self._mlstm(
+                x, mq, mk, v, layout.q_valid, starts, initial, cache is not None, self.mlstm_backend or default_mlstm
             )
-        if update is not None:
-            new_state = update.layer_state(state, k_rot, v, mlstm_state if self.mixer != "swa" else None)
+            if cache is not None:
+                cache.update_mlstm_state(last)
 
         if self.mixer == "swa":
             h = swa
@@ -218,7 +271,7 @@ class HybridMixer(nn.Module):
             o = torch.sigmoid(self.ogate(torch.cat([q_flat, k_flat, v_flat], dim=-1)))  # (B, T, H)
             o = o.transpose(1, 2).unsqueeze(-1)
             h = o * mlstm + (1 - o) * swa
-        return self.o_proj(h.transpose(1, 2).reshape(B, T, H * D)), new_state
+        return self.o_proj(h.transpose(1, 2).reshape(B, T, H * D))
 
     def _mlstm(
         self,
@@ -228,7 +281,7 @@ class HybridMixer(nn.Module):
         v: Tensor,
         valid: Tensor,
         starts: Tensor,
-        state: LayerState | None,
+        initial: MLSTMState | None,
         return_state: bool,
         backend: str,
     ) -> tuple[Tensor, MLSTMState | None]:
@@ -244,7 +297,6 @@ class HybridMixer(nn.Module):
         # The kernels take one dtype for all inputs (autocast leaves softmax outputs in float32).
         i = torch.where(pad, -GATE, i)
         f = torch.where(pad, GATE, torch.where(starts[:, None, :], -GATE, f))
-        initial = state.mlstm if state is not None else None
         out, last = MLSTM_BACKENDS.get(backend)(
             phi_q.to(v.dtype), phi_k.to(v.dtype), v, i.to(v.dtype), f.to(v.dtype), initial, return_state=return_state
         )
@@ -253,59 +305,17 @@ class HybridMixer(nn.Module):
 
 # --------------------------------------------------------------------------- bookkeeping of a batch
 @dataclass
-class CacheUpdate:
-    """Folds one forward pass's new keys into a layer's decoding state (sinks, window, mLSTM).
+class CachePlan:
+    """Where one forward pass's tokens go in every layer's cache (the same for all layers).
 
-    Only the row's *last* document is kept: a document start inside the new tokens drops what the
+    Only the row's *last* document is kept: a document start among the new tokens drops what the
     cache held before, which is what a reset means.
     """
 
-    pos: Tensor  # (B, T) positions of the new tokens in their documents, -1 for padding
-    keep: Tensor  # (B, T) new tokens that belong to the row's last document
+    slots: Tensor  # (B, T) the key slot of each new token; the spare last slot for tokens not kept
+    kept_pos: Tensor  # (B, T) the kept tokens' document positions, -1 elsewhere
     restart: Tensor  # (B,) rows whose new tokens start a new document
-    window: int
-    sinks: int
-
-    # Positions are the same in every layer: computed once per forward pass, not once per layer.
-    @cached_property
-    def kept_pos(self) -> Tensor:
-        """(B, T) document positions of the tokens the cache keeps, -1 elsewhere."""
-        return torch.where(self.keep, self.pos, -1)
-
-    @cached_property
-    def sink_hits(self) -> Tensor:
-        """(B, T, S) bool: new token t is the document's sink number s."""
-        pos = self.kept_pos[:, :, None]
-        return (pos == torch.arange(self.sinks, device=pos.device)) & (pos >= 0)
-
-    def layer_state(self, old: LayerState | None, k: Tensor, v: Tensor, mlstm: MLSTMState | None) -> LayerState:
-        B, Hkv, T, D = k.shape
-        S, W = self.sinks, self.window
-        if old is None:
-            old = LayerState(
-                mlstm=None,
-                sink_k=k.new_zeros(B, Hkv, S, D), sink_v=v.new_zeros(B, Hkv, S, D),
-                sink_pos=self.pos.new_full((B, S), -1),
-                win_k=k.new_zeros(B, Hkv, W, D), win_v=v.new_zeros(B, Hkv, W, D),
-                win_pos=self.pos.new_full((B, W), -1),
-            )
-        pos, hit = self.kept_pos, self.sink_hits
-        fresh = self.restart[:, None]
-        # sinks: slot j takes the kept new token at document position j, else keeps its old content
-        took = hit.any(1)  # (B, S)
-        sel = hit.to(k.dtype)
-        sink_k = torch.einsum("bts,bhtd->bhsd", sel, k)
-        sink_v = torch.einsum("bts,bhtd->bhsd", sel, v)
-        old_sink = (~took & ~fresh)[:, None, :, None]
-        sink_k = torch.where(old_sink, old.sink_k, sink_k)
-        sink_v = torch.where(old_sink, old.sink_v, sink_v)
-        sink_pos = torch.where(took, torch.arange(S, device=pos.device).expand(B, S), torch.where(fresh, -1, old.sink_pos))
-        # window: the last W tokens, sinks excluded (the sink slots already hold them)
-        old_win_pos = torch.where(fresh, -1, old.win_pos)
-        win_pos = torch.cat([old_win_pos, torch.where(pos >= S, pos, -1)], dim=1)[:, -W:]
-        win_k = torch.cat([old.win_k, k], dim=2)[:, :, -W:]
-        win_v = torch.cat([old.win_v, v], dim=2)[:, :, -W:]
-        return LayerState(mlstm, sink_k, sink_v, sink_pos, win_k, win_v, win_pos)
+    seen: Tensor  # (B,) each row's next document position after this pass
 
 
 def token_layout(
@@ -313,19 +323,22 @@ def token_layout(
     position_ids: Tensor | None,
     shape: tuple[int, int],
     device: torch.device,
-    cache: XLSTMHybridCache | None,
+    cache: Cache | None,
     window: int,
     sinks: int,
-) -> tuple[TokenLayout, Tensor, Tensor, CacheUpdate | None]:
+) -> tuple[TokenLayout, Tensor, Tensor, CachePlan | None]:
     """Documents, in-document positions and validity of a batch's tokens (and of cached keys).
 
-    Returns the layout, the document-start flags, the RoPE position ids, and the cache update.
+    Returns the layout, the document-start flags, the RoPE position ids, and the cache plan.
+    Computed once per forward pass from the first layer's cache, which every layer's equals.
     """
     B, T = shape
     valid = torch.ones(B, T, dtype=torch.bool, device=device)
     if attention_mask is not None:
         valid = attention_mask[:, -T:].to(device=device, dtype=torch.bool)
-    seen = cache.seen if cache is not None and cache.seen is not None else torch.zeros(B, dtype=torch.long, device=device)
+    first = cache.layers[0] if cache is not None else None
+    cached = first is not None and first.is_initialized
+    seen = first.state["seen"] if cached else torch.zeros(B, dtype=torch.long, device=device)
     running = valid.long().cumsum(1)  # real tokens so far in this call, inclusive
     first_real = valid & (running == 1) & (seen[:, None] == 0)
     starts = first_real if position_ids is None else first_real | (valid & (position_ids == 0))
@@ -337,21 +350,26 @@ def token_layout(
         position_ids = pos.clamp_min(0)
 
     k_doc, k_pos, k_valid = doc, pos, valid
-    update = None
+    plan = None
     if cache is not None:
-        state = next((s for s in cache.layers if s is not None), None)
-        if state is not None:
-            k_pos = torch.cat([state.sink_pos, state.win_pos, pos], dim=1)
-            k_valid = k_pos >= 0
-            k_doc = torch.cat([doc.new_zeros(B, sinks + window), doc], dim=1)
+        old_pos = first.state["positions"][:, :-1] if cached else pos.new_full((B, sinks + window), -1)
+        k_pos = torch.cat([old_pos, pos], dim=1)
+        k_valid = k_pos >= 0
+        k_doc = torch.cat([doc.new_zeros(B, sinks + window), doc], dim=1)
         last_doc = torch.where(valid, doc, -1).max(1).values.clamp_min(0)  # (B,)
-        update = CacheUpdate(
-            pos=pos, keep=valid & (doc == last_doc[:, None]), restart=last_doc > 0, window=window, sinks=sinks
+        keep = valid & (doc == last_doc[:, None])
+        last_pos = torch.where(keep, pos, -1).max(1).values
+        is_sink = pos < sinks
+        kept = keep & (is_sink | (pos > last_pos[:, None] - window))
+        slot = torch.where(is_sink, pos, sinks + (pos - sinks) % window)
+        plan = CachePlan(
+            slots=torch.where(kept, slot, sinks + window),
+            kept_pos=torch.where(kept, pos, -1),
+            restart=last_doc > 0,
+            seen=torch.where(last_pos >= 0, last_pos + 1, seen),
         )
-        last_pos = torch.where(valid, pos, -1).max(1).values
-        cache.seen = torch.where(last_pos >= 0, last_pos + 1, seen)
     layout = TokenLayout(doc, pos, valid, k_doc, k_pos, k_valid, window=window, sinks=sinks)
-    return layout, starts, position_ids, update
+    return layout, starts, position_ids, plan
 
 
 # ----------------------------------------------------------------------------------- the model
@@ -375,13 +393,13 @@ class XLSTMHybridDecoderLayer(nn.Module):
         """What the mixer reads: the normalised hidden state (pre-norm) or the hidden state (post-norm)."""
         return hidden if self.post_norm else self.input_layernorm(hidden)
 
-    def forward(self, hidden: Tensor, *mixer_args: Any) -> tuple[Tensor, LayerState | None]:
-        attn, state = self.self_attn(self.mixer_input(hidden), *mixer_args)
+    def forward(self, hidden: Tensor, *mixer_args: Any) -> Tensor:
+        attn = self.self_attn(self.mixer_input(hidden), *mixer_args)
         if self.post_norm:
             hidden = hidden + self.post_attention_layernorm(attn)
-            return hidden + self.post_feedforward_layernorm(self.mlp(hidden)), state
+            return hidden + self.post_feedforward_layernorm(self.mlp(hidden))
         hidden = hidden + attn
-        return hidden + self.mlp(self.post_attention_layernorm(hidden)), state
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
 class XLSTMHybridPreTrainedModel(PreTrainedModel):
@@ -390,7 +408,6 @@ class XLSTMHybridPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["XLSTMHybridDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -434,55 +451,50 @@ class XLSTMHybridModel(XLSTMHybridPreTrainedModel):
             None, position_ids, x.shape[:2], x.device, None, self.config.window_size, self.config.num_sink_tokens
         )
         rope = self.rotary_emb(x, rope_pos)
-        return [
-            layer.self_attn(inp, rope, layout, starts, None, None)[0] for layer, inp in zip(self.layers, mixer_inputs)
-        ]
+        return [layer.self_attn(inp, rope, layout, starts, None, None) for layer, inp in zip(self.layers, mixer_inputs)]
 
     def forward(
         self,
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
-        past_key_values: XLSTMHybridCache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-    ) -> tuple[Tensor, XLSTMHybridCache | None, tuple[Tensor, ...] | None]:
+    ) -> tuple[Tensor, Cache | None, tuple[Tensor, ...] | None]:
+        """Final hidden states, the cache (given, or new when `use_cache`), and every layer's output if asked."""
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = hidden.shape[:2]
-        if use_cache and past_key_values is None:
-            past_key_values = XLSTMHybridCache(len(self.layers))
-        cache = past_key_values if use_cache or past_key_values is not None else None
-        layout, starts, rope_pos, update = token_layout(
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)  # this student's cache layers, from config.layer_types
+        layout, starts, rope_pos, plan = token_layout(
             attention_mask, position_ids, (B, T), hidden.device, cache,
             self.config.window_size, self.config.num_sink_tokens,
         )
         rope = self.rotary_emb(hidden, rope_pos)
         all_hidden = (hidden,) if output_hidden_states else None
         for idx, layer in enumerate(self.layers):
-            state = cache.layers[idx] if cache is not None else None
+            layer_cache = cache.layers[idx] if cache is not None else None
             if self.gradient_checkpointing and self.training:
-                hidden, state = self._gradient_checkpointing_func(layer.__call__, hidden, rope, layout, starts, state, update)
+                hidden = self._gradient_checkpointing_func(layer.__call__, hidden, rope, layout, starts, layer_cache, plan)
             else:
-                hidden, state = layer(hidden, rope, layout, starts, state, update)
-            if cache is not None:
-                cache.layers[idx] = state
+                hidden = layer(hidden, rope, layout, starts, layer_cache, plan)
             if output_hidden_states:
                 all_hidden += (hidden,)
         hidden = self.norm(hidden)
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (hidden,)
-        if cache is not None:
-            cache.steps += T
         return hidden, cache, all_hidden
 
 
-class XLSTMHybridForCausalLM(XLSTMHybridPreTrainedModel, GenerationMixin):
+class XLSTMHybridForCausalLM(RecurrentGenerationMixin, XLSTMHybridPreTrainedModel, GenerationMixin):
     """Causal LM head over :class:`XLSTMHybridModel`.
 
-    The class name contains "xlstm", so transformers' generate() creates no DynamicCache for it
-    (REFERENCE.md §6); the model creates its own :class:`XLSTMHybridCache` when ``use_cache`` is set,
-    returns it as ``past_key_values``, and generate() hands it back with only the new token.
+    Generation goes through transformers' own caches: the config's ``layer_types`` make
+    ``DynamicCache`` (the default) and ``StaticCache`` (``cache_implementation="static"``) hold
+    :class:`XLSTMHybridLayerCache` layers, beam search reorders them, and the static form lets
+    ``torch.compile`` capture a decode step.
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -499,30 +511,26 @@ class XLSTMHybridForCausalLM(XLSTMHybridPreTrainedModel, GenerationMixin):
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
-        past_key_values: XLSTMHybridCache | None = None,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
         inputs_embeds: Tensor | None = None,
         labels: Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int | Tensor = 0,
         return_dict: bool | None = None,
-        **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | tuple[Tensor, ...]:
+        """Logits (and loss with `labels`); the cache comes as `cache` or, before transformers 5.24, `past_key_values`."""
         hidden, cache, all_hidden = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=resolve_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
         )
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache, hidden_states=all_hidden)
+        return self.lm_output(hidden, cache, all_hidden, labels, logits_to_keep, return_dict)
 
 
 AutoConfig.register(XLSTMHybridConfig.model_type, XLSTMHybridConfig)
