@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", required=True, help="suite name (see --list-suites)")
     p.add_argument("--output", default="results", help="results directory (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
+    p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting of the suite's tasks or measures, e.g. --metadata trials=20 "
+                   "(repeatable; VALUE is YAML; --list-suites shows the measures' settings)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None)
     p.add_argument("--allow-unsafe-code", action="store_true",

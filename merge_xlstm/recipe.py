@@ -152,6 +152,43 @@ class Stage2Spec(OptimSpec):
     distil: DistilSchedule | None = None
 
 
+# ---------------------------------------------------------------------------------- long context
+class PositionCESpec(Strict):
+    """Cross-entropy by position on the held-out long documents (`merge_xlstm.eval.longdocs`)."""
+
+    documents: int = Field(4, ge=0, description="Held-out long documents, in their listed order; 0: none.")
+    max_tokens: int = Field(8192, ge=2, description="Tokens per document, capped by the model's context.")
+    bins: list[int] = Field(
+        default_factory=lambda: [0, 128, 512, 1024, 2048, 4096, 8192],
+        description="Position bin edges; a bin [a, b) averages the CE of the tokens at positions a..b-1.",
+    )
+    chunk_tokens: int = Field(2048, ge=1, description="Positions per forward pass (a recurrent state carries on).")
+    batch_size: int = Field(4, ge=1, description="Documents per forward pass.")
+
+    @field_validator("bins")
+    @classmethod
+    def _increasing(cls, value: list[int]) -> list[int]:
+        if len(value) < 2 or value[0] != 0 or any(b <= a for a, b in zip(value, value[1:])):
+            raise ValueError(f"bin edges must start at 0 and increase, got {value}")
+        return value
+
+
+class LongContextSpec(Strict):
+    """The expert's long-context report (issue 12): expert, teacher and SWA-only student, side by side.
+
+    The defaults are a modest budget (a few seconds on a GPU); 0 documents and 0 trials turn it off.
+    """
+
+    ce: PositionCESpec = Field(default_factory=PositionCESpec)
+    passkey_lengths: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [256, 1024, 2048, 4096], description="Pass-key prompt lengths in tokens."
+    )
+    passkey_trials: int = Field(5, ge=0, description="Pass-key prompts per length; 0: no pass-key.")
+    recovery_from: int = Field(
+        1024, ge=0, description="Recovery (CE_swa - CE) / (CE_swa - CE_teacher) is reported for bins from here."
+    )
+
+
 # -------------------------------------------------------------------------------------- recipes
 class LinearizeRecipe(Strict):
     """`merge-xlstm linearize RECIPE`: one domain expert from a teacher."""
@@ -166,6 +203,9 @@ class LinearizeRecipe(Strict):
     output: str
     random_seed: int = 0
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
+    longctx: LongContextSpec = Field(
+        default_factory=LongContextSpec, description="Long-context figures of the validation report and card."
+    )
 
     @field_validator("teacher")
     @classmethod
@@ -225,7 +265,8 @@ class MergeRecipe(Strict):
 
 
 # --------------------------------------------------------------------------------------- loading
-def _format_validation_error(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError) -> str:
+    """One line for the first error (and how many more): ``field: message``, as UserError wants it."""
     first = err.errors()[0]
     field = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and p in ("hybrid", "distil_xlstm")))
     msg = first["msg"].removeprefix("Value error, ")
@@ -303,7 +344,7 @@ def load_recipe(path: str | Path, schema: type[Strict], overrides: list[str] | N
     try:
         return schema.model_validate(data)
     except ValidationError as err:
-        raise UserError(_format_validation_error(err), where=str(path)) from None
+        raise UserError(format_validation_error(err), where=str(path)) from None
 
 
 def load_linearize_recipe(path: str | Path, overrides: list[str] | None = None) -> LinearizeRecipe:

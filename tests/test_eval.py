@@ -41,11 +41,12 @@ def test_every_source_loads_offline_under_its_split(name):
     assert len(data[split]) == EXPECTED_DOCS.get(name, len(data[split])) > 0
 
 
-def test_suites_evaluate_test_splits_only_with_the_two_documented_exceptions():
+def test_suites_evaluate_test_splits_only_with_the_documented_exceptions():
     splits = {task: split for task, split, _ in evaluated_splits()}
     exceptions = {"mx_sciq": "validation", "mx_chitchat_select": "heldout"}
+    exceptions |= {task.name: "generated" for task in get_suite("longctx").tasks}  # pass-key prompts
     assert {t: s for t, s in splits.items() if s != "test"} == exceptions
-    assert sorted(suites().names()) == ["chat", "ci", "code", "math", "stem"]
+    assert sorted(suites().names()) == ["chat", "ci", "code", "longctx", "math", "stem"]
     assert get_suite("chat").apply_chat_template and get_suite("code").executes_code
     assert {t.domain for t in get_suite("stem").tasks} == {"stem"}
 
@@ -204,7 +205,7 @@ def test_eval_refuses_bad_input_before_any_work(tmp_path, capsys, monkeypatch):
     assert cli(["eval", str(model), "--suite", "chat"]) == 2  # the chat suite needs a chat template
     assert "the tokenizer has none" in capsys.readouterr().err
     assert cli(["eval", "x", "--suite", "nope"]) == 2
-    assert "unknown suite 'nope' (known: chat, ci, code, math, stem)" in capsys.readouterr().err
+    assert "unknown suite 'nope' (known: chat, ci, code, longctx, math, stem)" in capsys.readouterr().err
     assert cli(["eval", "x", "--suite", "stem", "--limit", "0"]) == 2
     assert "--limit: must be at least 1" in capsys.readouterr().err
     monkeypatch.setattr(sandbox, "available_backends", lambda: ())

@@ -45,6 +45,7 @@ def write_recipe(root: Path, name: str, *, stage2_tokens: int = 64 * 4 * 6) -> P
                    "top_k": 8, "log_every": 1, "save_every": 2},
         "seed": str(root / "experts" / "seed"),
         "output": str(root / "experts" / name),
+        "longctx": {"ce": {"documents": 2}, "passkey_lengths": [256], "passkey_trials": 2},  # a CPU budget
     }
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -68,6 +69,7 @@ def test_two_experts_from_one_seed_and_a_noop_rerun(
         meta = read_metadata(expert)
         assert meta["kind"] == "expert" and meta["seed_id"] == seed_meta["seed_id"]
         assert {"student_ce", "teacher_ce", "top8_kl"} <= set(meta["validation"])
+        assert {"expert", "teacher", "swa_only"} <= set(meta["long_context"]["ce_by_position"])
         rows = [json.loads(line) for line in (expert / "metrics.jsonl").read_text().splitlines()]
         assert {r["stage"] for r in rows} == {"stage1", "stage2"}
         assert {"step", "tokens", "loss", "ce", "kl", "lr"} <= set(rows[-1])

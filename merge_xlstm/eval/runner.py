@@ -7,7 +7,8 @@ lm-eval group with the same tasks, shots, prompts, generation budgets, seeds, ba
 ``--limit``. lm-eval's own
 results file and per-sample logs land in ``<output>/<model>/<suite>/``, written atomically (a rerun
 replaces them), which is the layout `merge-xlstm compare` reads: ``compare results/<teacher>
-results/<student>`` then covers every suite run for both.
+results/<student>`` then covers every suite run for both. A suite's measures (`merge_xlstm.eval.measures`,
+e.g. the longctx suite's CE by position) run after its tasks and write into the same folder.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 from merge_xlstm.errors import UserError
 from merge_xlstm.eval import sandbox
+from merge_xlstm.eval.measures import combine_measures, metadata_overrides, run_measures
 from merge_xlstm.eval.suites import SUITES_DIR, Suite, get_suite
 from merge_xlstm.io import atomic_dir
 
@@ -36,18 +38,25 @@ def main(args: argparse.Namespace) -> int:
     names = [output_name(spec) for spec in args.models]
     if len(set(names)) < len(names):
         raise UserError("the same model is listed twice", where=" ".join(args.models))
+    overrides = metadata_overrides(suite, args.metadata)
     paths = [model_dir(spec, needs_chat_template=suite.apply_chat_template) for spec in args.models]
     import torch
     from lm_eval.tasks import TaskManager
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    task_manager = TaskManager(include_path=str(SUITES_DIR), include_defaults=False)
-    for spec, name, path in zip(args.models, names, paths, strict=True):
-        target = Path(args.output) / name / suite.name
+    targets = [Path(args.output) / name / suite.name for name in names]
+    for spec, path, target in zip(args.models, paths, targets, strict=True):
+        # Per model: tasks that size their documents in the model's tokens (pass-key) read its directory.
+        task_manager = TaskManager(include_path=str(SUITES_DIR), include_defaults=False,
+                                   metadata={**overrides, "pretrained": str(path)})  # fmt: skip
         start = time.monotonic()
         results = evaluate(spec, path, suite, task_manager, target, device=device, batch_size=args.batch_size,
                            limit=args.limit)  # fmt: skip
         print(summary(spec, suite, results, time.monotonic() - start))
+        for line in run_measures(suite, path, target, device=device, limit=args.limit, overrides=overrides):
+            print(line)
+    for line in combine_measures(suite, Path(args.output), list(zip(names, targets))):
+        print(line)
     print(f"results: {Path(args.output)}/<model>/{suite.name}/ (compare them with `merge-xlstm compare`)")
     return 0
 

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from merge_xlstm.errors import UserError
 from merge_xlstm.io import atomic_dir
-from merge_xlstm.linearize import sources
+from merge_xlstm.linearize import heldout, sources
 from merge_xlstm.linearize.sources import PACKAGED, Record
 from merge_xlstm.recipe import PACKAGED_PREFIX, DataSource, DataSpec
 
@@ -245,7 +245,10 @@ def _token_progress(desc: str) -> Iterator[tqdm]:
             datasets.enable_progress_bars()
 
 
-def _tokenize(records: datasets.Dataset, field: str, chat: bool, tokenizer: Any, key: str, desc: str) -> Documents:
+def _tokenize(
+    records: datasets.Dataset, field: str, chat: bool, tokenizer: Any, key: str, desc: str, where: str
+) -> Documents:
+    heldout.check_records(records, field, chat, where=where)  # every training document passes here first
     with _token_progress(desc) as bar:
         encoded = records.map(
             _encode,
@@ -296,14 +299,15 @@ def _cycled(docs: Documents, pool: np.ndarray, quota: int, rng: np.random.Genera
 
 
 def _endless_documents(
-    source: DataSource, seed: int, need: int, tokenizer: Any, cache_dir: Path, desc: str
+    source: DataSource, seed: int, need: int, tokenizer: Any, cache_dir: Path, desc: str, where: str
 ) -> Documents:
     """Generate and tokenise records of an endless source until they hold ``need`` tokens."""
     parts: list[Documents] = []
     start, count, have = 0, 1024, 0
     while have < need:
         records, field, chat = _generate(source, seed, start, start + count, cache_dir)
-        parts.append(_tokenize(records, field, chat, tokenizer, _hash(_source_key(source), seed, start, count), desc))
+        key = _hash(_source_key(source), seed, start, count)
+        parts.append(_tokenize(records, field, chat, tokenizer, key, desc, where))
         have += len(parts[-1].tokens)
         start += count
         count = math.ceil((need - have) / max(1.0, have / start) * 1.1) + 16  # estimate from the mean length
@@ -324,7 +328,7 @@ def _source_documents(
     if endless and not source.max_documents:
         # Generated documents are all distinct: read them in order, validation first, never cycle.
         need = val_quota + train_quota + 4 * spec.seq_len  # margin: validation's last document overshoots
-        docs = _endless_documents(source, generator_seed, need, tokenizer, cache_dir, desc)
+        docs = _endless_documents(source, generator_seed, need, tokenizer, cache_dir, desc, where)
         order, cap = np.arange(len(docs)), len(docs)
     else:
         if packaged:
@@ -333,7 +337,7 @@ def _source_documents(
             records, field, chat = _load_records(source, where, cache_dir)
         if chat and tokenizer.chat_template is None:
             raise UserError("source is a chat but the teacher's tokenizer has no chat template", where=where)
-        docs = _tokenize(records, field, chat, tokenizer, _source_key(source), desc)
+        docs = _tokenize(records, field, chat, tokenizer, _source_key(source), desc, where)
         order = rng.permutation(len(docs))
         # Hold out at most this share of a finite source's documents (a single document trains).
         cap = max(1, int(spec.validation_fraction * len(docs))) if len(docs) > 1 else 0

@@ -29,7 +29,13 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from merge_xlstm.errors import UserError
 from merge_xlstm.io import atomic_dir
 from merge_xlstm.linearize.data import build_packed_dataset
-from merge_xlstm.linearize.report import model_card, output_gate_medians, plot_losses, validation_metrics
+from merge_xlstm.linearize.report import (
+    long_context_report,
+    model_card,
+    output_gate_medians,
+    plot_losses,
+    validation_metrics,
+)
 from merge_xlstm.linearize.stage1 import run_stage1
 from merge_xlstm.linearize.stage2 import run_stage2, steps_per_epoch, total_steps
 from merge_xlstm.linearize.targets import WithTargets, compute_targets
@@ -61,7 +67,7 @@ def fingerprint(data: Any) -> str:
 def linearize(recipe: LinearizeRecipe, *, device: str | None = None) -> Path:
     """Run (or resume, or skip) the whole recipe; return the expert directory."""
     output = Path(recipe.output)
-    recipe_key = fingerprint(recipe.model_dump())
+    recipe_key = fingerprint(recipe.model_dump(exclude={"longctx"}))  # report settings: the weights do not change
     existing = read_metadata(output)
     if existing.get("kind") == "expert" and existing.get("recipe_key") == recipe_key:
         print(f"{output}: already linearized with this recipe; nothing to do")
@@ -104,6 +110,8 @@ def linearize(recipe: LinearizeRecipe, *, device: str | None = None) -> Path:
         validation = WithTargets(data.validation, targets_dir, "validation")
         metrics = validation_metrics(student, validation, accelerator.device, recipe.stage2.top_k)
         gates = output_gate_medians(student, validation[0], accelerator.device)
+        longctx = long_context_report(student, tokenizer, recipe.longctx, teacher=recipe.teacher,
+                                      device=accelerator.device)  # fmt: skip
         provenance = {
             "kind": "expert",
             "seed_id": seed_meta["seed_id"],
@@ -114,6 +122,7 @@ def linearize(recipe: LinearizeRecipe, *, device: str | None = None) -> Path:
                        "stage2": total_steps(recipe) * recipe.stage2.batch_size * seq_len},
             "validation": metrics,
             "output_gate_medians": gates,
+            "long_context": longctx,
         }
         _write_model_dir(output, student, tokenizer, provenance, recipe, metrics, gates,
                          metrics_sources=[seed_dir / METRICS, work / METRICS])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from torch import Tensor, nn
 
 from merge_xlstm.linearize.losses import next_token_mask, sparse_topk_kl
 from merge_xlstm.linearize.training import MetricsLog
+from merge_xlstm.recipe import LongContextSpec
 
 
 @torch.no_grad()
@@ -40,20 +43,115 @@ def validation_metrics(student: nn.Module, rows: Any, device: torch.device, top_
     }
 
 
+@contextlib.contextmanager
+def output_gates(model: nn.Module) -> Iterator[list[list[Tensor]] | None]:
+    """While the block runs, collect every hybrid layer's mixing gate o (1 = mLSTM, 0 = SWA).
+
+    Yields one list per layer of the float32 CPU tensors ``o = sigmoid(ogate([q, k, v]))`` of each forward
+    call, or None for a model without output gates.
+    """
+    modules = [m for name, m in model.named_modules() if name.endswith("self_attn.ogate")]
+    if not modules:
+        yield None
+        return
+    gates: list[list[Tensor]] = [[] for _ in modules]
+    handles = [module.register_forward_hook(lambda m, i, o, layer=layer: layer.append(torch.sigmoid(o.float()).cpu()))
+               for module, layer in zip(modules, gates)]  # fmt: skip
+    try:
+        yield gates
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def output_gate_medians(student: nn.Module, item: dict[str, Tensor], device: torch.device) -> list[float] | None:
     """Per-layer median of the mixing gate o (1 = mLSTM, 0 = SWA) on one validation row (paper A's analysis)."""
-    gates = [m for name, m in student.named_modules() if name.endswith("self_attn.ogate")]
-    if not gates:
+    with output_gates(student) as gates:
+        if gates is None:
+            return None
+        student(input_ids=item["input_ids"][None].to(device), position_ids=item["position_ids"][None].to(device),
+                use_cache=False)  # fmt: skip
+    return gate_medians(gates)
+
+
+def gate_medians(gates: list[list[Tensor]]) -> list[float]:
+    """Per-layer median of recorded gates, over every call, token and head together."""
+    return [torch.cat([g.flatten() for g in layer]).median().item() for layer in gates]
+
+
+@torch.no_grad()
+def long_context_report(
+    student: nn.Module, tokenizer: Any, spec: LongContextSpec, *, teacher: str, device: torch.device
+) -> dict[str, Any] | None:
+    """CE by position and pass-key accuracy of the expert, its teacher and the SWA-only student (issue 12).
+
+    The SWA-only student (hybrid experts only) is the teacher converted with the expert's window and
+    sinks and no memory: the recovery per bin says how much of the teacher's gain over it the expert
+    keeps. Measured as `merge-xlstm eval --suite longctx` measures (`merge_xlstm.eval.longctx`), on a
+    budget the recipe's ``longctx`` section sets; on GPUs under bf16 autocast. None when it is off.
+    """
+    from merge_xlstm.eval import longctx, longdocs
+    from merge_xlstm.eval.suites import passkey
+    from merge_xlstm.student import from_teacher
+    from merge_xlstm.teacher import load_teacher
+
+    if not spec.ce.documents and not spec.passkey_trials:
         return None
-    medians: list[float] = []
-    handles = [g.register_forward_hook(lambda m, i, o: medians.append(torch.sigmoid(o.float()).median().item()))
-               for g in gates]
-    student(input_ids=item["input_ids"][None].to(device), position_ids=item["position_ids"][None].to(device),
-            use_cache=False)
-    for h in handles:
-        h.remove()
-    return medians
+    reference, _ = load_teacher(teacher, dtype=longctx.eval_dtype(device), device=device)
+    models = {"expert": student.eval(), "teacher": reference}
+    window = getattr(student.config, "window_size", None)
+    if window is not None:
+        models["swa_only"] = from_teacher(reference, mixer="swa", window_size=window,
+                                          num_sink_tokens=student.config.num_sink_tokens)  # fmt: skip
+    report: dict[str, Any] = {"settings": spec.model_dump()}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        if spec.ce.documents:
+            length = min(spec.ce.max_tokens, passkey.context_length(student.config) or spec.ce.max_tokens)
+            docs = longdocs.token_documents(tokenizer, spec.ce.documents, length, where="longctx.ce.documents")
+            losses = {name: longctx.position_losses(model, docs, chunk_tokens=spec.ce.chunk_tokens,
+                                                    batch_size=spec.ce.batch_size, device=device,
+                                                    desc=f"CE by position ({name})")
+                      for name, model in models.items()}  # fmt: skip
+            bins = {name: loss.bins(spec.ce.bins) for name, loss in losses.items()}
+            report["ce_by_position"] = {
+                "documents": [doc.path for doc in longdocs.LONG_DOCUMENTS[: spec.ce.documents]],
+                "tokens_per_document": length, **bins,
+            }  # fmt: skip
+            report["output_gate_medians"] = losses["expert"].gates  # on the long documents
+            if "swa_only" in bins:
+                report["recovery"] = longctx.recovery(bins["expert"], bins["teacher"], bins["swa_only"],
+                                                      start=spec.recovery_from)  # fmt: skip
+        if spec.passkey_trials:
+            report["passkey"] = {
+                name: longctx.passkey_accuracy(models[name], tokenizer, spec.passkey_lengths, spec.passkey_trials,
+                                               device=device, batch_size=spec.ce.batch_size)
+                for name in ("expert", "teacher")
+            }  # fmt: skip
+    return report
+
+
+def _long_context_card(report: dict[str, Any]) -> list[str]:
+    """The card's section for :func:`long_context_report`: a table of bins, a line of pass-key scores."""
+    from merge_xlstm.eval.longctx import bin_label
+
+    lines = ["", "## Long context (held-out long documents of merge_xlstm.eval.longdocs; pass-key retrieval)"]
+    ce = report.get("ce_by_position")
+    if ce:
+        names = [name for name in ("expert", "teacher", "swa_only") if name in ce]
+        recovery = {r["start"]: r["recovery"] for r in report.get("recovery", [])}
+        lines += ["", f"Mean cross-entropy by position, {len(ce['documents'])} documents of "
+                  f"{ce['tokens_per_document']} tokens (recovery: share of the teacher's gain over SWA-only kept)", "",
+                  "| positions | " + " | ".join(f"{n} CE" for n in names) + " | recovery |",
+                  "|---" * (len(names) + 2) + "|"]  # fmt: skip
+        for i, entry in enumerate(ce["expert"]):
+            share = recovery.get(entry["start"])
+            lines.append(f"| {bin_label(entry)} | " + " | ".join(f"{ce[n][i]['ce']:.3f}" for n in names)
+                         + f" | {'' if share is None else f'{share:.2f}'} |")  # fmt: skip
+    for name, results in report.get("passkey", {}).items():
+        scores = ", ".join(f"{r['correct']}/{r['trials']} at {r['tokens']} tokens" for r in results)
+        lines += ["", f"Pass-key retrieval, {name}: {scores}"]
+    return lines
 
 
 def plot_losses(metrics: Path, png: Path) -> None:
@@ -109,6 +207,8 @@ def model_card(
     ]
     if gates:
         lines += ["", "## Output-gate medians per layer (1 = mLSTM, 0 = SWA)", "",
-                  " ".join(f"{g:.2f}" for g in gates)]
+                  " ".join(f"{g:.2g}" for g in gates)]
+    if provenance.get("long_context"):
+        lines += _long_context_card(provenance["long_context"])
     lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)

@@ -32,6 +32,9 @@ from typing import Any
 import datasets
 
 from merge_xlstm.errors import UserError
+from merge_xlstm.eval import longdocs
+from merge_xlstm.eval.suites import passkey
+from merge_xlstm.linearize.heldout import HELD_OUT, HeldOutSet
 from merge_xlstm.registry import Registry
 
 Record = dict[str, Any]
@@ -803,3 +806,10 @@ def instructions(seed: int) -> Iterator[Record]:
         sentence = r.choice(sentences)
         instruction, response = r.choice(_INSTRUCTIONS)(sentence)
         yield _chat(f"{instruction}\n\n{sentence}", response)
+
+
+# ------------------------------------------------------------------------------ held out of training
+# What the long-context evaluation reads and no source above may contain; `data.py` refuses a source
+# with a document that does (merge_xlstm.linearize.heldout says how "contains" is judged).
+HELD_OUT.register("long_documents")(HeldOutSet("long-context CE by position", longdocs.held_out_texts))
+HELD_OUT.register("passkey_filler")(HeldOutSet("pass-key retrieval", passkey.held_out_texts))

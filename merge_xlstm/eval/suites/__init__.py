@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ from merge_xlstm.registry import Registry
 
 SUITES_DIR = Path(__file__).parent
 GROUP_PREFIX = "merge_xlstm_"
+# Task metadata that describes the task (TaskInfo's fields, lm-eval's version); the rest are settings.
+DESCRIPTIVE_METADATA = frozenset({"version", "domain", "split", "origin", "primary_metric", "executes_code"})
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class TaskInfo:
     origin: str
     primary_metric: str  # "<metric>,<filter>" as lm-eval keys its results
     executes_code: bool
+    settings: frozenset[str] = frozenset()  # metadata a run may override (`merge-xlstm eval --metadata`)
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class Suite:
     description: str
     tasks: tuple[TaskInfo, ...]
     apply_chat_template: bool
+    # measure name -> settings: what `merge-xlstm eval` computes beside the tasks (merge_xlstm.eval.measures)
+    measures: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def executes_code(self) -> bool:
@@ -57,10 +62,11 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A suite or task YAML as lm-eval reads it (``include`` resolved), ``!function`` left as text."""
     config = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     if "include" in config:  # lm-eval's include: the included file's keys, overridden by ours
-        config = {**_read_yaml(path.parent / config.pop("include")), **config}
+        config = {**read_yaml(path.parent / config.pop("include")), **config}
     return config
 
 
@@ -69,7 +75,7 @@ def task_infos() -> dict[str, TaskInfo]:
     """Every packaged task by name."""
     infos = {}
     for path in sorted(SUITES_DIR.glob("*/*.yaml")):
-        config = _read_yaml(path)
+        config = read_yaml(path)
         if "task" in config and "group" not in config:
             meta = config["metadata"]
             infos[config["task"]] = TaskInfo(
@@ -79,16 +85,17 @@ def task_infos() -> dict[str, TaskInfo]:
                 origin=meta["origin"],
                 primary_metric=meta["primary_metric"],
                 executes_code=bool(meta.get("executes_code", False)),
+                settings=frozenset(meta) - DESCRIPTIVE_METADATA,
             )
     return infos
 
 
 @functools.cache
 def suites() -> Registry[Suite]:
-    """Every packaged suite by short name (math, code, stem, chat, ci)."""
+    """Every packaged suite by short name (math, code, stem, chat, ci, longctx)."""
     registry: Registry[Suite] = Registry("suite")
     for path in sorted(SUITES_DIR.glob("*/_suite.yaml")):
-        config = _read_yaml(path)
+        config = read_yaml(path)
         name = config["group"].removeprefix(GROUP_PREFIX)
         meta = config.get("metadata", {})
         registry.register(name)(
@@ -98,6 +105,7 @@ def suites() -> Registry[Suite]:
                 description=meta.get("description", ""),
                 tasks=tuple(task_infos()[task] for task in config["task"]),
                 apply_chat_template=bool(meta.get("apply_chat_template", False)),
+                measures=dict(meta.get("measures") or {}),
             )
         )
     return registry
@@ -124,6 +132,8 @@ def describe() -> str:
         lines.append(f"{name} (lm-eval group {suite.group}{template}): {suite.description}")
         for task in suite.tasks:
             lines.append(f"  {task.name:<22} {task.domain:<5} {task.primary_metric:<30} {task.split}: {task.origin}")
+        for measure, settings in suite.measures.items():
+            lines.append(f"  + measure {measure}: {', '.join(f'{k}={v}' for k, v in settings.items())}")
     lines.append(f"from lm-eval's CLI: merge-xlstm lm-eval --include_path {SUITES_DIR} --tasks {GROUP_PREFIX}<suite>")
     return "\n".join(lines)
 
