@@ -160,8 +160,10 @@ def fits(tokens: int, size: int) -> bool:
 def test_passkey_documents_are_deterministic_and_contain_the_key(tiny_dirs):
     context = tiny_teacher("llama").config.max_position_embeddings
     settings = passkey.task_settings()
-    loaded = passkey.load(300, 6, settings["answer_tokens"], pretrained=str(tiny_dirs["teacher"]))["generated"]
-    again = passkey.load(300, 4, settings["answer_tokens"], pretrained=str(tiny_dirs["teacher"]))["generated"]
+    common = {"answer_tokens": settings["answer_tokens"], "max_depth": settings["max_depth"],
+              "pretrained": str(tiny_dirs["teacher"])}  # fmt: skip
+    loaded = passkey.load(length=300, trials=6, **common)["generated"]
+    again = passkey.load(length=300, trials=4, **common)["generated"]
     docs = list(loaded)
     assert docs[:4] == list(again)  # the same trials whatever their number
     assert len({d["passkey"] for d in docs}) == 6 and len({d["depth"] for d in docs}) == 6
@@ -174,7 +176,8 @@ def test_passkey_documents_are_deterministic_and_contain_the_key(tiny_dirs):
         before = filler[: filler.index(passkey.NEEDLE.format(key=doc["passkey"]))].split()
         words = len(filler.split()) - len(passkey.NEEDLE.split())
         assert abs(len(before) - doc["depth"] * words) <= 3  # at the sentence end nearest its depth
-    capped = passkey.load(4096, 2, settings["answer_tokens"], pretrained=str(tiny_dirs["teacher"]))["generated"]
+        assert 0 <= doc["depth"] < settings["max_depth"]  # in the first part: far from the question
+    capped = passkey.load(length=4096, trials=2, **common)["generated"]
     assert all(fits(d["tokens"], context - settings["answer_tokens"]) for d in capped)
     assert [d["length"] for d in capped] == [4096, 4096]
 
@@ -254,6 +257,8 @@ def test_longctx_suite_runs_through_eval_and_compare_reads_it(tiny_dirs, tmp_pat
     combined = json.loads((out / "ce_by_position.json").read_text())
     assert combined["reference"] == folders["teacher"].parent.name
     assert all(b["gain"] == 0 for b in combined["models"][combined["reference"]])
+    ref, other = (combined["models"][folders[name].parent.name] for name in ("teacher", "student"))
+    assert [b["gain"] for b in other] == [r["ce"] - b["ce"] for r, b in zip(ref, other)]
     assert cli(["compare", str(folders["teacher"]), str(folders["student"])]) == 0
     assert "mx_passkey_8k" in capsys.readouterr().out
 

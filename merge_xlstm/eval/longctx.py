@@ -186,7 +186,8 @@ def passkey_accuracy(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     config = GenerationConfig(max_new_tokens=answer_tokens, do_sample=False, pad_token_id=pad,
                               eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-    plans = {length: [passkey.build_doc(tokenizer, length, i, size=passkey.prompt_size(length, context, answer_tokens))
+    plans = {length: [passkey.build_doc(tokenizer, length, i, max_depth=settings["max_depth"],
+                                        size=passkey.prompt_size(length, context, answer_tokens))
                       for i in range(trials)] for length in lengths}  # fmt: skip
     results = []
     with tqdm(total=sum(d["tokens"] for docs in plans.values() for d in docs), desc=desc, unit="tok",

@@ -29,7 +29,7 @@ from merge_xlstm.registry import Registry
 
 MIN_LINE_CHARS = 32
 MAX_SHARED_LINES = 64
-BATCH = 1024
+BATCH = 1024  # records read at a time
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def _texts(batch: dict[str, list[Any]], field: str, chat: bool) -> Iterable[str]
 def check_records(records: Any, field: str, chat: bool, *, where: str) -> None:
     """Refuse `records` (a datasets.Dataset of a training source) if one contains a held-out document."""
     index = _index(tuple(HELD_OUT.names()))
-    for batch in records.iter(batch_size=BATCH):
+    for batch in records.select_columns([field]).iter(batch_size=BATCH):
         for text in _texts(batch, field, chat):
             found = index.contained(text)
             if found is not None:

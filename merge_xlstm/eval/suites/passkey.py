@@ -1,7 +1,10 @@
 """Pass-key retrieval (Mohtashami & Jaggi, 2023): a 5-digit number hidden in filler, asked for at the end.
 
 Each prompt is an instruction, filler text with the pass-key sentence at a random depth, and the
-question "What is the pass key? The pass key is". It is sized in the evaluated model's own tokens:
+question "What is the pass key? The pass key is". The depth is drawn from the first ``max_depth`` of
+the filler (the task YAML's 0.5), so a prompt of L tokens asks for a key at least ~L/2 tokens back:
+a 512-token window alone cannot answer from 1K tokens on (with uniform depths it would answer about
+half of the 1K prompts), while the 256-token task checks retrieval inside any window. It is sized in the evaluated model's own tokens:
 filler words are added while the prompt fits ``length`` tokens, so it has that many, or fewer by
 less than one filler word's tokens (mostly exactly that many with SmolLM2's tokenizer), capped at
 the model's context less the answer's budget. Equal lengths also let lm-eval batch a task without
@@ -43,10 +46,10 @@ _WORDS = FILLER.split()  # one cycle of filler words
 _NUMBER = re.compile(r"\d+")
 
 
-def trial(length: int, index: int) -> tuple[str, float]:
-    """(key, depth in [0, 1]) of trial `index` at nominal `length`: the same for every model and run."""
+def trial(length: int, index: int, max_depth: float) -> tuple[str, float]:
+    """(key, depth in [0, max_depth)) of trial `index` at nominal `length`: the same for every model and run."""
     r = random.Random(f"passkey:{length}:{index}")
-    return str(r.randint(10000, 99999)), r.random()
+    return str(r.randint(10000, 99999)), r.random() * max_depth
 
 
 def _prompt(key: str, depth: float, words: int) -> str:
@@ -57,10 +60,10 @@ def _prompt(key: str, depth: float, words: int) -> str:
     return "\n".join((INTRO, " ".join([*filler[:cut], NEEDLE.format(key=key), *filler[cut:]]), QUESTION))
 
 
-def build_doc(tokenizer: Any, length: int, index: int, *, size: int | None = None) -> dict[str, Any]:
+def build_doc(tokenizer: Any, length: int, index: int, *, max_depth: float, size: int | None = None) -> dict[str, Any]:
     """Trial `index` of nominal `length`, as a prompt of `size` (default `length`) tokens of `tokenizer`."""
     size = size or length
-    key, depth = trial(length, index)
+    key, depth = trial(length, index, max_depth)
 
     def tokens(words: int) -> int:
         return len(tokenizer(_prompt(key, depth, words))["input_ids"])
@@ -99,6 +102,7 @@ def load(
     length: int,
     trials: int,
     answer_tokens: int,
+    max_depth: float,
     pretrained: str | None = None,
     tokenizer: str | None = None,
     **_: Any,
@@ -115,9 +119,12 @@ def load(
                         where="passkey")  # fmt: skip
     if int(trials) < 1:
         raise UserError(f"must be at least 1, got {trials}", where="passkey trials")
+    if not 0 <= float(max_depth) <= 1:
+        raise UserError(f"must lie in [0, 1], got {max_depth}", where="passkey max_depth")
     model_tokenizer, context = _model_files(str(source))
     size = prompt_size(int(length), context, int(answer_tokens))
-    docs = [build_doc(model_tokenizer, int(length), i, size=size) for i in range(int(trials))]
+    docs = [build_doc(model_tokenizer, int(length), i, max_depth=float(max_depth), size=size)
+            for i in range(int(trials))]  # fmt: skip
     return datasets.DatasetDict({"generated": datasets.Dataset.from_list(docs)})
 
 
@@ -133,7 +140,7 @@ def score(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
 
 
 def task_settings() -> dict[str, Any]:
-    """What the mx_passkey_* tasks' shared YAML sets: trials, the answer's token budget, stop strings.
+    """What the mx_passkey_* tasks' shared YAML sets: trials, depths, the answer's token budget, stop strings.
 
     Read by native runs (`merge_xlstm.eval.longctx.passkey_accuracy`) so they generate as lm-eval does.
     """
@@ -142,6 +149,7 @@ def task_settings() -> dict[str, Any]:
     config = read_yaml(SUITES_DIR / "longctx" / "_passkey_template.yaml")
     return {
         "trials": int(config["metadata"]["trials"]),
+        "max_depth": float(config["metadata"]["max_depth"]),
         "answer_tokens": int(config["generation_kwargs"]["max_gen_toks"]),
         "until": list(config["generation_kwargs"]["until"]),
     }
