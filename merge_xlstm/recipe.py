@@ -42,6 +42,12 @@ class HybridStudent(Strict):
     mlstm_rope: bool = Field(
         False, description="Feed RoPE-rotated q/k to the mLSTM branch (SWA always uses RoPE)."
     )
+    memory_outside_window: bool = Field(
+        True, description="Mix the mLSTM in only where the window no longer covers the document (SWA is exact there)."
+    )
+    forget_bias: tuple[float, float] = Field(
+        (3.0, 6.0), description="Initial forget-gate biases, spread linearly over the heads (memory length)."
+    )
 
 
 class DistilXLSTMStudent(Strict):
@@ -111,11 +117,26 @@ class OptimSpec(Strict):
     save_every: int = Field(200, ge=1, description="Checkpoint interval in optimizer steps.")
 
 
+class Stage1Loss(Strict):
+    """Weights of stage I's loss terms (``linearize/stage1.py``: STAGE1_TERMS), summed over layers.
+
+    ``output`` is paper A's: the mixer's output against the teacher attention's. The teacher's
+    attention splits exactly into SWA (the mass a on the window) and attention beyond it (1 - a):
+    ``gate`` teaches o to be 1 - a, ``memory`` teaches the mLSTM branch the beyond-window part with
+    the gate held at 1 - a, so neither branch can win by silencing the other.
+    """
+
+    output: float = Field(1.0, ge=0)
+    gate: float = Field(1.0, ge=0)
+    memory: float = Field(1.0, ge=0)
+
+
 class Stage1Spec(OptimSpec):
     """Hidden-state alignment: only the new mixer parameters train (REFERENCE.md §2)."""
 
     lr: float = Field(1.0e-2, gt=0)
     min_lr: float = Field(1.0e-5, ge=0, description="End of the cosine decay.")
+    loss: Stage1Loss = Field(default_factory=Stage1Loss)
 
 
 class LoraSpec(Strict):
@@ -184,6 +205,10 @@ class LinearizeRecipe(Strict):
         else:
             if self.stage1 is None:
                 raise ValueError("stage1: required for student kind hybrid")
+            split_terms = [t for t in ("gate", "memory") if getattr(self.stage1.loss, t) > 0]
+            if split_terms and self.student.mixer != "hybrid":
+                raise ValueError(f"stage1.loss.{split_terms[0]}: needs student.mixer hybrid (both branches and a gate), "
+                                 f"got {self.student.mixer!r}; set it to 0")
             if self.stage2.distil is not None:
                 raise ValueError("stage2.distil: the Delta schedule applies to student kind distil_xlstm only")
         return self
