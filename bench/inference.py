@@ -289,8 +289,11 @@ def measured(results: Results, keys: tuple[str, ...], fn: Callable[[], Any]) -> 
             traceback.print_exc()
     if isinstance(value, dict):
         value["seconds"] = round(time.perf_counter() - began, 1)
-    torch.cuda.empty_cache()
     results.put(value, *keys)
+    if "CUDA error" in str(value.get("error", "")):
+        # the context is unusable after e.g. an illegal memory access: stop; a --resume run continues after it
+        raise SystemExit(f"{'/'.join(keys)}: {value['error']}")
+    torch.cuda.empty_cache()
     return value
 
 

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from mlstm_kernels.torch import get_mlstm_kernel, get_mlstm_sequence_kernel, get_mlstm_step_kernel
 from mlstm_kernels.torch.kernel_wrappers import wrap_chunkwise__arbitrary_sequence_length
 from torch import Tensor
-from torch.nn.attention.flex_attention import AuxRequest
 
 from merge_xlstm.registry import Registry
 
@@ -191,11 +190,23 @@ def swa_flex(
     """
     if q.shape[2] < FLEX_MIN_QUERIES:
         return swa_sdpa(q, k, v, layout, scale, return_lse)
-    aux = {"return_aux": AuxRequest(lse=True)} if return_lse else {}
     out = _compiled_flex()(
-        q, k, v, block_mask=layout.block_mask(), scale=scale, enable_gqa=q.shape[1] != k.shape[1], **aux
+        q, k, v, block_mask=layout.block_mask(), scale=scale, enable_gqa=q.shape[1] != k.shape[1], **_lse_request(return_lse)
     )
-    return (out[0], out[1].lse) if return_lse else out
+    if not return_lse:
+        return out
+    return out[0], getattr(out[1], "lse", out[1])  # AuxOutput (torch >= 2.9) or the bare lse (older)
+
+
+def _lse_request(return_lse: bool) -> dict[str, Any]:
+    """flex_attention's way to ask for the log-sum-exp: ``return_aux`` where it exists, else ``return_lse``."""
+    if not return_lse:
+        return {}
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:
+        return {"return_lse": True}
+    return {"return_aux": AuxRequest(lse=True)}
 
 
 @functools.cache
