@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -61,6 +61,8 @@ class DistilXLSTMStudent(Strict):
 
 
 StudentSpec = Annotated[HybridStudent | DistilXLSTMStudent, Field(discriminator="kind")]
+# The literal `kind` of each member of the StudentSpec union, for messages.
+STUDENT_KINDS = tuple(get_args(kind.model_fields["kind"].annotation)[0] for kind in get_args(get_args(StudentSpec)[0]))
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -226,20 +228,27 @@ class MergeRecipe(Strict):
 
 # --------------------------------------------------------------------------------------- loading
 def _format_validation_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    field = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and p in ("hybrid", "distil_xlstm")))
+    errors = err.errors()
+    # An unknown key is usually a typo, which also makes the field it meant look missing: name it first.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    field = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and p in STUDENT_KINDS))
     msg = first["msg"].removeprefix("Value error, ")
+    kinds = ", ".join(STUDENT_KINDS)
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     elif first["type"] == "missing":
         msg = "required field is missing"
+    elif first["type"] == "union_tag_not_found":  # the only tagged union is the student's kind
+        field, msg = f"{field}.kind", f"required field is missing (one of: {kinds})"
+    elif first["type"] == "union_tag_invalid":
+        field, msg = f"{field}.kind", f"expected one of: {kinds}, got {first['ctx']['tag']!r}"
     elif (
         "input" in first
         and first["type"] not in ("model_type", "value_error")  # our validators' messages show the value
         and not isinstance(first["input"], dict)  # a model-level error's input is the whole section
     ):
         msg = f"{msg} (got {first['input']!r})"
-    more = len(err.errors()) - 1
+    more = len(errors) - 1
     suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
     # model-level validators have no location; their messages start with the field they are about
     return f"{field}: {msg}{suffix}" if field else f"{msg}{suffix}"
