@@ -8,7 +8,8 @@ A temporary sibling is named ``.NAME.tmp-PID-RANDOM``: when a run is killed mid-
 loss) its temporary stays behind, and the next write of the same target removes every sibling whose
 PID no longer runs (a live PID may be another writer of the same target, so it is left alone).
 What is renamed into place gets the permissions the umask gives new files and directories, like
-anything else the user creates (the temporaries are created private: 0700 / 0600).
+anything else the user creates: the temporaries are created private (0700 / 0600), and libraries
+writing into a temporary directory choose their own modes (safetensors 0600, copies keep the source's).
 
 JSON goes through :func:`to_json`: non-finite floats become ``null``, because bare ``NaN`` and
 ``Infinity`` are not JSON and other tools reject them.
@@ -79,8 +80,11 @@ def _umask() -> int:
 
 
 def _publish_mode(path: Path) -> None:
-    """Give a private temporary the mode a newly created file or directory would have."""
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+    """Give a temporary, and everything in it, the modes newly created files and directories would have."""
+    mask = _umask()
+    for entry in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        if not entry.is_symlink():
+            os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~mask)
 
 
 @contextlib.contextmanager

@@ -82,7 +82,9 @@ def tensor_shapes(shard: Path) -> dict[str, tuple[int, ...]]:
     try:
         with safe_open(shard, framework="pt") as handle:
             return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
-    except (SafetensorError, OSError) as exc:
+    except OSError as exc:
+        raise UserError(f"cannot read it ({exc.strerror or exc})", where=str(shard)) from None
+    except SafetensorError as exc:
         reason = str(exc).splitlines()[0].removeprefix("Error while deserializing header: ")
         raise UserError(f"not a complete safetensors file ({reason}); truncated or corrupt?", where=str(shard)) from None
 

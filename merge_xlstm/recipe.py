@@ -20,6 +20,9 @@ from merge_xlstm.errors import UserError
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PACKAGED_PREFIX = "packaged:"
 LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".gz", ".csv")
+# AdamW (beta1 0.9) scales float32 tensors by up to 10 x the learning rate (the bias correction of its
+# first step): beyond this bound that factor is no float32 number and the optimizer step fails.
+MAX_LR = 3.4028234663852886e38 / 10
 
 
 class Strict(BaseModel):
@@ -103,7 +106,7 @@ class DataSpec(Strict):
 # ---------------------------------------------------------------------------------------- stages
 class OptimSpec(Strict):
     tokens: int = Field(ge=1, description="Training tokens for this stage (packed, incl. padding).")
-    lr: float = Field(gt=0)
+    lr: float = Field(gt=0, le=MAX_LR)
     batch_size: int = Field(8, ge=1, description="Global batch in packed rows per optimizer step.")
     micro_batch_size: int = Field(1, ge=1, description="Rows per forward pass and device; the rest is accumulation.")
     warmup_steps: int = Field(10, ge=0)
@@ -116,7 +119,7 @@ class OptimSpec(Strict):
 class Stage1Spec(OptimSpec):
     """Hidden-state alignment: only the new mixer parameters train (REFERENCE.md §2)."""
 
-    lr: float = Field(1.0e-2, gt=0)
+    lr: float = Field(1.0e-2, gt=0, le=MAX_LR)
     min_lr: float = Field(1.0e-5, ge=0, description="End of the cosine decay.")
 
 
@@ -144,7 +147,7 @@ class DistilSchedule(Strict):
 class Stage2Spec(OptimSpec):
     """Sparse top-k knowledge distillation (hybrid) or Delta-distillation (distil_xlstm)."""
 
-    lr: float = Field(1.0e-5, gt=0)
+    lr: float = Field(1.0e-5, gt=0, le=MAX_LR)
     weight_decay: float = Field(0.1, ge=0)
     top_k: int = Field(256, ge=1)
     ce_weight: float = Field(0.9, ge=0)

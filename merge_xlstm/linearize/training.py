@@ -199,8 +199,8 @@ def train_loop(
         # One host sync per step: the global norm, the same on every process, so all of them stop together.
         grad_norm = float(accelerator.clip_grad_norm_(list(params.values()), spec.grad_clip))
         if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
-            what = f"loss {sums['loss']:g}, gradient norm {grad_norm:g}"
-            raise diverged(stage, step + 1, what, checkpoint, saved)
+            bar.close()  # the error goes on a line of its own
+            raise diverged(stage, step + 1, f"loss {sums['loss']:g}, gradient norm {grad_norm:g}", checkpoint, saved)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tok_s = tokens_per_step / (time.perf_counter() - began)
