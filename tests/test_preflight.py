@@ -30,7 +30,7 @@ from merge_xlstm.model_files import tensor_shapes
 from merge_xlstm.provenance import write_metadata
 from merge_xlstm.recipe import load_linearize_recipe
 from merge_xlstm.teacher import cache_dir
-from merge_xlstm.testing import tiny_teacher, tiny_tokenizer
+from merge_xlstm.testing import tiny_teacher
 
 CODE_FLAGS = [] if available_backends() else ["--allow-unsafe-code"]
 

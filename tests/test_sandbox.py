@@ -8,7 +8,7 @@ sandbox modules (standard library only) from a world-readable folder, with an in
 
 from __future__ import annotations
 
-import dataclasses
+import atexit
 import json
 import os
 import shutil
@@ -19,7 +19,6 @@ import sys
 import tempfile
 import textwrap
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -50,6 +49,7 @@ else:
 def _other_identity_setup() -> tuple[str, str]:
     """(interpreter, folder): a world-readable copy of the sandbox modules and a Python the other identity runs."""
     folder = Path(tempfile.mkdtemp(prefix="merge-xlstm-sandbox-driver-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     package = Path(merge_xlstm.__file__).parent
     for name in ("__init__.py", "eval/__init__.py", *SANDBOX_MODULES):  # empty __init__s: no torch import
         (folder / "merge_xlstm" / name).parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +62,6 @@ def _other_identity_setup() -> tuple[str, str]:
         can_run = [*OTHER, python, "-c", "import os, sys; sys.exit(not os.access(sys.executable, os.X_OK))"]
         if os.path.isfile(python) and subprocess.run(can_run, check=False).returncode == 0:
             return python, str(folder)
-    shutil.rmtree(folder)
     raise RuntimeError(f"no Python interpreter runs as {OTHER_NAME} here: the sandbox cannot be tested as that user")
 
 
@@ -89,12 +88,6 @@ hostile = pytest.mark.parametrize(
     + [pytest.param(b, OTHER_NAME, id=f"{b}-{OTHER_NAME}") for b in ISOLATING_FOR_OTHER]
     or [pytest.param("none", "caller", marks=pytest.mark.skip(reason="no isolating sandbox backend works here"))],
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _remove_driver_copy() -> Iterator[None]:
-    yield
-    shutil.rmtree(OTHER_FOLDER, ignore_errors=True)
 
 
 def run(program: str, backend: str, timeout_s: float = 10.0, identity: str = "caller", **limits) -> SandboxResult:

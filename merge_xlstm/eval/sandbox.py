@@ -17,10 +17,10 @@ machine that runs the evaluation. :func:`run` executes one Python program with
   (``/etc``, ``/root``, home directories, the checkout, sockets under ``/run``) does not exist in there,
 - nothing left running afterwards: the program's namespace dies with its init process.
 
-Isolation comes from Linux namespaces through one of the :data:`BACKENDS`, tried in order: ``unshare``
-(util-linux; root may always use it, other users need user namespaces) or ``bwrap`` (Debian/Ubuntu
-package ``bubblewrap``; allowed by Ubuntu's AppArmor profile where unprivileged user namespaces are
-not). Each is probed once per process by running a program through it. Where neither works, code tasks
+Isolation comes from Linux namespaces through one of the :data:`BACKENDS`, tried in order: ``bwrap``
+(Debian/Ubuntu package ``bubblewrap``; allowed by Ubuntu's AppArmor profile where unprivileged user
+namespaces are not) or ``unshare`` (util-linux; root may always use it, other users need user
+namespaces). Each is probed once per process by running a program through it. Where neither works, code tasks
 are refused unless the user opts into the ``unsafe`` backend (limits and a temporary directory, but no
 isolation) with ``--allow-unsafe-code`` or ``MERGE_XLSTM_ALLOW_UNSAFE_CODE=1``.
 """
@@ -131,7 +131,7 @@ def _shared_libraries(files: list[str]) -> list[str]:
     return found
 
 
-def runs_as_global_root() -> bool:
+def _runs_as_global_root() -> bool:
     """Whether this process is uid 0 of the initial user namespace, the one uid RLIMIT_NPROC exempts."""
     if os.geteuid() != 0:
         return False
@@ -158,7 +158,7 @@ def _bwrap(limits: Limits) -> list[str]:
     binds = [arg for path in parents for arg in ("--perms", "0755", "--dir", path)]
     binds += [arg for path in exposed.read_only for arg in ("--ro-bind", path, path)]
     hidden = [arg for path in exposed.hidden for arg in ("--tmpfs", path, "--remount-ro", path)]
-    if runs_as_global_root():
+    if _runs_as_global_root():
         # No user namespace, which would map the program back to uid 0: the init helper switches uid.
         identity = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--cap-drop", "ALL",
                     "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]  # fmt: skip
@@ -175,7 +175,7 @@ def _bwrap(limits: Limits) -> list[str]:
 
 def _unshare(limits: Limits) -> list[str]:
     # Root needs no user namespace to make the others; mapping it into one would keep the program uid 0.
-    user = [] if runs_as_global_root() else ["--user", "--map-root-user"]
+    user = [] if _runs_as_global_root() else ["--user", "--map-root-user"]
     return ["unshare", *user, "--mount", "--net", "--pid", "--ipc", "--uts", "--kill-child", "--mount-proc"]
 
 
@@ -240,7 +240,7 @@ def available_backends() -> tuple[str, ...]:
 def _execute(
     program: str, timeout_s: float, limits: Limits, name: str, backend: Backend, workdir: str | None
 ) -> SandboxResult:
-    fresh_uid = backend.isolated and runs_as_global_root()
+    fresh_uid = backend.isolated and _runs_as_global_root()
     config = {
         "root": dataclasses.asdict(exposure()) if backend.builds_root else None,
         "uid": random.randrange(SANDBOX_UIDS.start, SANDBOX_UIDS.stop) if fresh_uid else None,

@@ -4,12 +4,12 @@ Every step leaves a durable, atomically written result and is skipped when that 
 
     <seed>/              stage-I student, shared by every expert of this teacher + student config
     <cache>/targets/K/   the teacher's top-k targets for this data (shards, resumable)
+    <output>/            the expert: weights, tokenizer, merge_xlstm.json, README.md, metrics.jsonl, loss.png
 
 Results computed from the teacher are keyed by its content (config, weights and tokenizer files,
 :mod:`merge_xlstm.digests`), not by its name: replacing a teacher's weights in place makes new
 targets, and a seed of the old weights is refused. Everything that can be checked before loading the
 teacher is (:mod:`merge_xlstm.linearize.preflight`).
-    <output>/            the expert: weights, tokenizer, merge_xlstm.json, README.md, metrics.jsonl, loss.png
 
 Work in progress lives in `<seed>.partial/` and `<output>.partial/` (checkpoints, metrics) and is
 removed once the result is written, so rerunning after a kill resumes and rerunning after success
