@@ -137,12 +137,10 @@ class TokenLayout:
     def block_mask(self) -> Any:
         """FlexAttention block mask of the same rule, for any number of queries and keys.
 
-        Built by a compiled kernel that evaluates the rule block by block (``_compile=True``), so no
+        Built by a compiled ``create_block_mask``, which evaluates the rule block by block, so no
         (Tq, Tk) tensor is ever materialised: memory stays linear in the length.
         """
         if "block" not in self.masks:
-            from torch.nn.attention.flex_attention import create_block_mask
-
             q_doc, q_pos = self.q_doc, self.q_pos
             k_doc, k_pos, k_valid = self.k_doc, self.k_pos, self.k_valid
 
@@ -150,7 +148,7 @@ class TokenLayout:
                 return self.allowed(q_doc[b, qi], q_pos[b, qi], k_doc[b, ki], k_pos[b, ki], k_valid[b, ki])
 
             (B, Tq), Tk = q_doc.shape, k_doc.shape[1]
-            self.masks["block"] = create_block_mask(mask_mod, B, None, Tq, Tk, device=q_doc.device, _compile=True)
+            self.masks["block"] = _compiled_block_mask()(mask_mod, B, None, Tq, Tk, device=q_doc.device)
         return self.masks["block"]
 
 
@@ -207,6 +205,13 @@ def _lse_request(return_lse: bool) -> dict[str, Any]:
     except ImportError:
         return {"return_lse": True}
     return {"return_aux": AuxRequest(lse=True)}
+
+
+@functools.cache
+def _compiled_block_mask() -> Callable[..., Any]:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)
 
 
 @functools.cache
