@@ -120,7 +120,7 @@ def main() -> None:
     models[SWA] = measure(swa, docs, tokenizer, args)
     del swa
     for label, path in args.variants.items():
-        if AutoTokenizer.from_pretrained(path).get_vocab() != tokenizer.get_vocab():
+        if AutoTokenizer.from_pretrained(path, trust_remote_code=False).get_vocab() != tokenizer.get_vocab():
             raise SystemExit(f"{path}: not the teacher's tokenizer; the documents are the teacher's tokens")
         model = longctx.load_model(path, device)
         models[label] = measure(model, docs, tokenizer, args)

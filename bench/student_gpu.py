@@ -5,10 +5,11 @@
    backward gradients of the new parameters, in float32 and bfloat16.
 2. Decoding memory: peak GPU memory while decoding N tokens after a short and after a long prompt
    (constant state: the two must match).
-3. Speed: prefill throughput and per-token decoding latency of teacher and student at several context
-   lengths, as ratios student / teacher in the same run.
+3. The FlexAttention paths CPU tests cannot reach: a prefill continuing a cache (more keys than
+   queries) and the log-sum-exp stage I's split terms use, against the dense reference.
+Speed and memory against the teacher: bench/inference.py.
 
-Usage: python bench/student_gpu.py --out bench.json [--model-size smollm2] [--contexts 4096 16384 32768]
+Usage: python bench/student_gpu.py --out bench.json [--model-size smollm2]
 Prints and writes one JSON object.
 """
 
@@ -115,59 +116,49 @@ def decode_memory(size: str, prompts: list[int], new_tokens: int) -> dict[str, f
     return result
 
 
-def timed(fn, repeats: int = 3) -> float:
-    fn()
-    torch.cuda.synchronize()
-    began = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - began) / repeats
-
-
 @torch.no_grad()
-def speed(size: str, contexts: list[int], decode_tokens: int) -> dict[str, dict[str, float]]:
-    teacher = teacher_of(size, torch.bfloat16)
-    student = from_teacher(teacher, mixer="hybrid", window_size=512, num_sink_tokens=4)
-    result = {}
-    for T in contexts:
-        ids = torch.randint(0, SIZES[size]["vocab_size"], (1, T), device="cuda")
-        row: dict[str, float] = {}
-        for name, model in (("teacher", teacher), ("student", student)):
-            try:
-                prefill = timed(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1))
-                row[f"{name}_prefill_tok_s"] = T / prefill
-                out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-                cache, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
-                torch.cuda.synchronize()
-                began = time.perf_counter()
-                for _ in range(decode_tokens):
-                    out = model(input_ids=nxt, **{CACHE_FIELD: cache}, use_cache=True)
-                    nxt = out.logits[:, -1:].argmax(-1)
-                torch.cuda.synchronize()
-                row[f"{name}_decode_ms_per_token"] = 1000 * (time.perf_counter() - began) / decode_tokens
-                del cache, out
-            except torch.OutOfMemoryError:
-                row[f"{name}_prefill_tok_s"] = float("nan")
-            torch.cuda.empty_cache()
-        row["prefill_speedup"] = row["student_prefill_tok_s"] / row["teacher_prefill_tok_s"]
-        row["decode_speedup"] = row["teacher_decode_ms_per_token"] / row["student_decode_ms_per_token"]
-        result[str(T)] = row
-    return result
+def cached_and_split_agreement(size: str, seq_len: int) -> dict[str, float]:
+    """Paths the CPU tests cannot reach: FlexAttention with more keys than queries (a prefill that
+    continues a cache) and with the log-sum-exp (stage I's split of the teacher's attention), each
+    against the dense reference on the same weights, fp32."""
+    teacher = teacher_of(size, torch.float32)
+    student = from_teacher(teacher, mixer="hybrid", window_size=512, num_sink_tokens=4, memory_outside_window=True)
+    ids = torch.randint(0, SIZES[size]["vocab_size"], (2, seq_len), device="cuda")
+    half = seq_len // 2
+    out: dict[str, float] = {}
+    student.model.set_backends("native", "sdpa")
+    reference = student(input_ids=ids).logits
+    student.model.set_backends("triton", "flex")
+    first = student(input_ids=ids[:, :half], use_cache=True)
+    rest = student(input_ids=ids[:, half:], use_cache=True, **{CACHE_FIELD: output_cache(first)})
+    out["cached_prefill_logits_rel_err"] = rel_err(torch.cat([first.logits, rest.logits], 1), reference)
+    pos = torch.arange(seq_len, device="cuda").expand(2, -1)
+    inputs = [torch.randn(2, seq_len, SIZES[size]["hidden_size"], device="cuda")] * len(student.model.layers)
+    split = {}
+    for backends in (("native", "sdpa"), ("triton", "flex")):
+        student.model.set_backends(*backends)
+        split[backends[1]] = list(student.model.align_layers(inputs, pos, reference=True))
+    for key in ("reference", "beyond"):
+        out[f"split_{key}_max_abs_err"] = max(
+            (a[key] - b[key]).abs().max().item() for a, b in zip(split["sdpa"], split["flex"])
+        )
+    out["split_swa_lse_max_abs_err"] = max(
+        (a["parts"].swa_lse - b["parts"].swa_lse).abs().max().item() for a, b in zip(split["sdpa"], split["flex"])
+    )
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench-student-gpu.json")
     parser.add_argument("--model-size", default="smollm2", choices=sorted(SIZES))
-    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
     parser.add_argument("--decode-tokens", type=int, default=1000)
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model_size": args.model_size}
     sections = {
         "agreement_vs_fp32_reference": lambda: kernel_agreement(args.model_size, 1024),
+        "cached_and_split_vs_dense": lambda: cached_and_split_agreement(args.model_size, 2048),
         "decode_memory": lambda: decode_memory(args.model_size, [1024, 16384], args.decode_tokens),
-        "speed": lambda: speed(args.model_size, args.contexts, 200),
     }
     for name, run in sections.items():  # written after each section, so a time-out keeps what finished
         report[name] = run()

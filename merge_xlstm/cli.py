@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert the recipe's teacher into a student and distil it on the recipe's data",
         description="Build (or reuse) the shared stage-I seed for the recipe's teacher and student options, "
         "precompute the teacher's top-k targets, then run stage II into the recipe's output directory. "
-        "Rerunning after a kill resumes from the last checkpoint; rerunning a finished recipe does nothing.",
+        "Rerunning after a kill resumes from the last checkpoint; rerunning a finished recipe does nothing. "
+        "A non-finite loss or gradient stops the run (exit 2) without writing a model; the last checkpoint stays.",
     )
     p.add_argument("recipe", help="linearize recipe (YAML), e.g. recipes/code.yaml")
     _add_set(p)

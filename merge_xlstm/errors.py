@@ -15,5 +15,9 @@ class UserError(Exception):
 
     def __init__(self, message: str, *, where: str | None = None) -> None:
         # `where` names the file (and field) so every message says what to fix and where.
-        self.where = where
+        self.message, self.where = message, where
         super().__init__(f"{where}: {message}" if where else message)
+
+    def located_in(self, file: str) -> UserError:
+        """The same error placed in `file`, for errors that name only a field of it (``data.sources[0]``)."""
+        return type(self)(self.message, where=f"{file}: {self.where}" if self.where else file)

@@ -12,11 +12,11 @@ and copied into every expert made from it; `merge` compares these ids before doi
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 from merge_xlstm.io import write_json
+from merge_xlstm.model_files import read_json_object
 
 METADATA_FILE = "merge_xlstm.json"
 
@@ -39,7 +39,7 @@ def weights_digest(model_dir: str | Path) -> str:
 def read_metadata(model_dir: str | Path) -> dict[str, Any]:
     """The directory's provenance record, or ``{}`` for directories not written by merge-xlstm."""
     path = Path(model_dir) / METADATA_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json_object(path, str(model_dir)) if path.is_file() else {}
 
 
 def write_metadata(model_dir: str | Path, record: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,6 +20,9 @@ from merge_xlstm.errors import UserError
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PACKAGED_PREFIX = "packaged:"
 LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".gz", ".csv")
+# AdamW (beta1 0.9) scales float32 tensors by up to 10 x the learning rate (the bias correction of its
+# first step): beyond this bound that factor is no float32 number and the optimizer step fails.
+MAX_LR = 3.4028234663852886e38 / 10
 
 
 class Strict(BaseModel):
@@ -42,6 +45,12 @@ class HybridStudent(Strict):
     mlstm_rope: bool = Field(
         False, description="Feed RoPE-rotated q/k to the mLSTM branch (SWA always uses RoPE)."
     )
+    memory_outside_window: bool = Field(
+        True, description="Mix the mLSTM in only where the window no longer covers the document (SWA is exact there)."
+    )
+    forget_bias: tuple[float, float] = Field(
+        (3.0, 6.0), description="Initial forget-gate biases, spread linearly over the heads (memory length)."
+    )
 
 
 class DistilXLSTMStudent(Strict):
@@ -61,6 +70,8 @@ class DistilXLSTMStudent(Strict):
 
 
 StudentSpec = Annotated[HybridStudent | DistilXLSTMStudent, Field(discriminator="kind")]
+# The literal `kind` of each member of the StudentSpec union, for messages.
+STUDENT_KINDS = tuple(get_args(kind.model_fields["kind"].annotation)[0] for kind in get_args(get_args(StudentSpec)[0]))
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -110,12 +121,34 @@ class OptimSpec(Strict):
     log_every: int = Field(10, ge=1)
     save_every: int = Field(200, ge=1, description="Checkpoint interval in optimizer steps.")
 
+    @field_validator("lr")
+    @classmethod
+    def _lr_fits_the_optimizer(cls, value: float) -> float:
+        if value > MAX_LR:
+            raise ValueError(f"{value:g} is beyond what the optimizer can step with in float32 (at most {MAX_LR:.3g})")
+        return value
+
+
+class Stage1Loss(Strict):
+    """Weights of stage I's loss terms (``linearize/stage1.py``: STAGE1_TERMS), summed over layers.
+
+    ``output`` is paper A's: the mixer's output against the teacher attention's. The teacher's
+    attention splits exactly into SWA (the mass a on the window) and attention beyond it (1 - a):
+    ``gate`` teaches o to be 1 - a, ``memory`` teaches the mLSTM branch the beyond-window part with
+    the gate held at 1 - a, so neither branch can win by silencing the other.
+    """
+
+    output: float = Field(1.0, ge=0)
+    gate: float = Field(1.0, ge=0)
+    memory: float = Field(1.0, ge=0)
+
 
 class Stage1Spec(OptimSpec):
     """Hidden-state alignment: only the new mixer parameters train (REFERENCE.md §2)."""
 
     lr: float = Field(1.0e-2, gt=0)
     min_lr: float = Field(1.0e-5, ge=0, description="End of the cosine decay.")
+    loss: Stage1Loss = Field(default_factory=Stage1Loss)
 
 
 class LoraSpec(Strict):
@@ -224,6 +257,10 @@ class LinearizeRecipe(Strict):
         else:
             if self.stage1 is None:
                 raise ValueError("stage1: required for student kind hybrid")
+            split_terms = [t for t in ("gate", "memory") if getattr(self.stage1.loss, t) > 0]
+            if split_terms and self.student.mixer != "hybrid":
+                raise ValueError(f"stage1.loss.{split_terms[0]}: needs student.mixer hybrid (both branches and a gate), "
+                                 f"got {self.student.mixer!r}; set it to 0")
             if self.stage2.distil is not None:
                 raise ValueError("stage2.distil: the Delta schedule applies to student kind distil_xlstm only")
         return self
@@ -267,20 +304,27 @@ class MergeRecipe(Strict):
 # --------------------------------------------------------------------------------------- loading
 def format_validation_error(err: ValidationError) -> str:
     """One line for the first error (and how many more): ``field: message``, as UserError wants it."""
-    first = err.errors()[0]
-    field = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and p in ("hybrid", "distil_xlstm")))
+    errors = err.errors()
+    # An unknown key is usually a typo, which also makes the field it meant look missing: name it first.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    field = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and p in STUDENT_KINDS))
     msg = first["msg"].removeprefix("Value error, ")
+    kinds = ", ".join(STUDENT_KINDS)
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     elif first["type"] == "missing":
         msg = "required field is missing"
+    elif first["type"] == "union_tag_not_found":  # the only tagged union is the student's kind
+        field, msg = f"{field}.kind", f"required field is missing (one of: {kinds})"
+    elif first["type"] == "union_tag_invalid":
+        field, msg = f"{field}.kind", f"expected one of: {kinds}, got {first['ctx']['tag']!r}"
     elif (
         "input" in first
         and first["type"] not in ("model_type", "value_error")  # our validators' messages show the value
         and not isinstance(first["input"], dict)  # a model-level error's input is the whole section
     ):
         msg = f"{msg} (got {first['input']!r})"
-    more = len(err.errors()) - 1
+    more = len(errors) - 1
     suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
     # model-level validators have no location; their messages start with the field they are about
     return f"{field}: {msg}{suffix}" if field else f"{msg}{suffix}"

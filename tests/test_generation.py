@@ -148,3 +148,24 @@ def test_plain_generate_prints_no_deprecation_warning(student: torch.nn.Module, 
     generate(student, ids, mask)
     generate(student, ids, mask, num_beams=2)
     assert deprecations() == []
+
+
+def test_compiled_decode_step_is_one_graph_with_the_eager_tokens() -> None:
+    """A decode step on the static cache compiles whole (no graph break) and once (no recompile per step)."""
+    from torch._dynamo.testing import CompileCounter
+
+    student = make_student("hybrid")
+    ids, mask = left_padded(10)
+    want = generate(student, ids, mask)[:, ids.shape[1] :]
+    cache = StaticCache(config=student.config, max_cache_len=64)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    step = torch.compile(student.forward, backend=counter, fullgraph=True)
+    got = []
+    with torch.no_grad():
+        out = student(ids, attention_mask=mask, cache=cache, use_cache=True)
+        for _ in range(NEW):
+            got.append(out.logits[:, -1:].argmax(-1))
+            out = step(input_ids=got[-1], attention_mask=torch.ones_like(got[-1]), cache=cache, use_cache=True)
+    assert torch.equal(torch.cat(got, 1), want)
+    assert counter.frame_count == 1

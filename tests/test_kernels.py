@@ -68,7 +68,7 @@ def test_swa_mask_is_window_sinks_documents_and_padding():
     pos = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1], [-1, -1, 0, 1, 2, 3, 4, 5]])
     valid = pos >= 0
     layout = TokenLayout(doc, pos, valid, doc, pos, valid, window=2, sinks=1)
-    mask = layout.dense_mask[:, 0]
+    mask = layout.dense_mask()[:, 0]
     # row 0, query 5 (doc 1, pos 5): itself, pos 4 (window 2) and the sink pos 0
     assert mask[0, 5].tolist() == [True, False, False, False, True, True, False, False]
     # row 0, query 7 (doc 2, pos 1): only its own document

@@ -129,7 +129,7 @@ def test_stage1_loss_falls_and_only_new_parameters_change(tmp_path):
     recipe = LinearizeRecipe.model_validate({
         "name": "t", "teacher": "org/tiny", "data": {"sources": [{"path": "org/data"}], "seq_len": 32},
         "stage1": {"tokens": 32 * 4 * 30, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2, "warmup_steps": 3,
-                   "log_every": 1},
+                   "log_every": 1, "loss": {"output": 1.0, "gate": 0.0, "memory": 0.0}},  # paper A's loss
         "stage2": {"tokens": 1}, "seed": str(tmp_path / "seed"), "output": str(tmp_path / "out"),
     })
     run_stage1(recipe, teacher=teacher, student=student, dataset=packed_rows(16, 32),

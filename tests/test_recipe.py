@@ -50,6 +50,10 @@ def _missing_data(recipe: dict[str, Any]) -> None:
     recipe["data"]["sources"][0]["path"] = "no-such-data.jsonl"
 
 
+def _misspelt_output(recipe: dict[str, Any]) -> None:
+    recipe["outptu"] = recipe.pop("output")
+
+
 # id -> (recipe: an edit of BASE_RECIPE or raw YAML text, --set overrides, expected message after "<file>: ")
 BAD_RECIPES: dict[str, tuple[Callable[[dict[str, Any]], None] | str, list[str], str]] = {
     "malformed-yaml": ("name: [code\nteacher: x\n", [], "malformed YAML at line 2, column 8:"),
@@ -59,10 +63,17 @@ BAD_RECIPES: dict[str, tuple[Callable[[dict[str, Any]], None] | str, list[str], 
     "wrong-type": (_update("stage1", tokens="many"), [], "stage1.tokens: Input should be a valid integer"),
     "out-of-range": (_update("stage2", top_k=0), [], "stage2.top_k: Input should be greater than or equal to 1"),
     "missing-field": (_without("output"), [], "output: required field is missing"),
+    # the typo is named, not the field it left missing
+    "unknown-key-and-missing-field": (_misspelt_output, [], "outptu: unknown key (and 1 more error)"),
+    "student-without-kind": (_update(None, student={"mixer": "swa"}), [],
+                             "student.kind: required field is missing (one of: hybrid, distil_xlstm)"),
+    "student-unknown-kind": (_update(None, student={"kind": "transformer"}), [],
+                             "student.kind: expected one of: hybrid, distil_xlstm, got 'transformer'"),
     "missing-data-file": (_missing_data, [], "data.sources.0.path: no such file or directory: no-such-data.jsonl"),
     "set-without-value": (_update(None), ["stage2.tokens"], "--set expects KEY=VALUE, got 'stage2.tokens'"),
     "set-bad-yaml": (_update(None), ["stage2.tokens=[1"], "--set stage2.tokens: value '[1' is not valid YAML"),
     "set-out-of-range": (_update(None), ["stage2.tokens=0"], "stage2.tokens: Input should be greater than or equal"),
+    "lr-beyond-float32": (_update(None), ["stage2.lr=1e38"], "stage2.lr: 1e+38 is beyond what the optimizer can step"),
     "set-unknown-key": (_update(None), ["stage2.topk=8"], "stage2.topk: unknown key"),
     "distil-with-stage1": (_distil_student, [], "stage1: hidden-state alignment does not apply to student kind"),
     "hybrid-without-stage1": (_without("stage1"), [], "stage1: required for student kind hybrid"),

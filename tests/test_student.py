@@ -162,3 +162,32 @@ def test_smollm2_converts_and_its_swa_student_writes_the_teachers_text():
     got = student.generate(**inputs, max_new_tokens=12, do_sample=False)
     assert torch.equal(got, want)
     assert "Paris" in tokenizer.decode(got[0, inputs["input_ids"].shape[1] :])
+
+
+@torch.no_grad()
+def test_memory_mixes_in_only_beyond_window_and_sinks(teacher):
+    """With memory_outside_window, positions the window and sinks still cover are the SWA student's exactly."""
+    window, sinks = 5, 2
+    hybrid = from_teacher(teacher, mixer="hybrid", window_size=window, num_sink_tokens=sinks, memory_outside_window=True)
+    with torch.no_grad():
+        for layer in hybrid.model.layers:
+            layer.self_attn.ogate.bias.fill_(3.0)  # a wide-open gate, so the memory matters where it may
+    swa = from_teacher(teacher, mixer="swa", window_size=window, num_sink_tokens=sinks)
+    x = ids(2, 20)
+    got, want = hybrid(x).logits, swa(x).logits
+    assert torch.equal(got[:, : window + sinks], want[:, : window + sinks])
+    assert (got[:, window + sinks :] - want[:, window + sinks :]).abs().amax(-1).min() > 1e-4
+    gates = hybrid.output_gates(x)
+    assert gates.shape == (len(hybrid.model.layers), 2, teacher.config.num_attention_heads, 20)
+    assert (gates[..., : window + sinks] == 0).all() and (gates[..., window + sinks :] > 0.9).all()
+
+
+@torch.no_grad()
+def test_chunked_prefill_equals_one_pass(teacher):
+    student = from_teacher(teacher, mixer="hybrid", window_size=4, num_sink_tokens=2)
+    x = ids(2, 23)
+    whole = student(x, use_cache=True).logits
+    student.config.prefill_chunk_length = 5
+    chunked = student(x, use_cache=True)
+    torch.testing.assert_close(chunked.logits, whole, atol=ATOL, rtol=0)
+    assert output_cache(chunked).get_seq_length() == 23

@@ -11,7 +11,6 @@ for programs, ``--plot`` for the C_alpha curves of all candidates in one PNG.
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from fractions import Fraction
@@ -22,7 +21,8 @@ import numpy as np
 from merge_xlstm.errors import UserError
 from merge_xlstm.eval import tolerance
 from merge_xlstm.eval.scores import ScoreTable, TaskScore, load_scores
-from merge_xlstm.io import atomic_file
+from merge_xlstm.io import atomic_file, to_json
+from merge_xlstm.preflight import check_writable_file
 
 DEFAULT_ALPHAS = tuple(round(0.05 * i, 2) for i in range(9))  # 0, 0.05, ..., 0.4
 PLOT_UPTO = 0.4
@@ -34,12 +34,14 @@ def main(args: argparse.Namespace) -> int:
     if args.alpha is not None and not 0 <= args.alpha <= 1:
         raise UserError(f"must lie in [0, 1], got {args.alpha}", where="--alpha")
     alphas = (args.alpha,) if args.alpha is not None else DEFAULT_ALPHAS
+    if args.plot:
+        check_writable_file(args.plot, "--plot")
     reference = load_scores(args.reference)
     reports = [compare(reference, load_scores(path), alphas) for path in args.candidates]
     if args.plot:
         plot_curves(reports, args.plot, upto=max(PLOT_UPTO, args.alpha or 0))
     document = {"reference": reference.label, "alphas": list(alphas), "candidates": reports}
-    print(json.dumps(document, indent=2) if args.json else render(document))
+    print(to_json(document, indent=2) if args.json else render(document))
     return 0
 
 

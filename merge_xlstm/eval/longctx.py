@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from merge_xlstm.eval.suites import passkey
 from merge_xlstm.io import atomic_path
 from merge_xlstm.linearize.report import gate_medians, output_gates
+from merge_xlstm.model_files import check_model_dir
 from merge_xlstm.student.cache import CACHE_FIELD, output_cache
 
 
@@ -42,9 +43,10 @@ def eval_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_model(path: str | Path, device: torch.device) -> nn.Module:
-    """A model directory (teacher or student, registered types) in eval mode, safetensors only."""
+    """A model directory (teacher or student, registered types) in eval mode, checked first: safetensors only."""
     from transformers import AutoModelForCausalLM
 
+    check_model_dir(path)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=eval_dtype(device), use_safetensors=True, trust_remote_code=False
     )

@@ -102,7 +102,7 @@ def _ce_run(path: Path, target: Path, spec: PositionCESpec, device_name: str, li
         return ["  ce_by_position: 0 documents, skipped"]
     device = torch.device(device_name)
     model = longctx.load_model(path, device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     length = min(spec.max_tokens, passkey.context_length(model.config) or spec.max_tokens)
     docs = longdocs.token_documents(tokenizer, count, length, where="ce_by_position documents")
     losses = longctx.position_losses(model, docs, chunk_tokens=spec.chunk_tokens, batch_size=spec.batch_size,

@@ -14,6 +14,7 @@ e.g. the longctx suite's CE by position) run after its tasks and write into the 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -24,7 +25,9 @@ from merge_xlstm.errors import UserError
 from merge_xlstm.eval import sandbox
 from merge_xlstm.eval.measures import combine_measures, metadata_overrides, run_measures
 from merge_xlstm.eval.suites import SUITES_DIR, Suite, get_suite
-from merge_xlstm.io import atomic_dir
+from merge_xlstm.io import atomic_dir, to_json
+from merge_xlstm.model_files import check_model_dir
+from merge_xlstm.preflight import check_writable_dir
 
 
 def main(args: argparse.Namespace) -> int:
@@ -33,6 +36,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"must be at least 1, got {args.limit}", where="--limit")
     if args.batch_size < 1:
         raise UserError(f"must be at least 1, got {args.batch_size}", where="--batch-size")
+    check_writable_dir(args.output, "--output")
     if suite.executes_code:
         _permit_code_execution(args.allow_unsafe_code)
     names = [output_name(spec) for spec in args.models]
@@ -67,17 +71,19 @@ def output_name(spec: str) -> str:
 
 
 def model_dir(spec: str, *, needs_chat_template: bool) -> Path:
-    """The directory holding `spec` (offline: local, cached or packaged), checked before any model runs."""
+    """The directory holding `spec` (offline: local, cached or packaged), checked before any model runs.
+
+    Safetensors weights only and no code of the directory's own (model_files.check_model_dir).
+    """
     from transformers import AutoTokenizer
 
     from merge_xlstm.teacher import TOKENIZER_FILES, resolve_teacher
 
     path = resolve_teacher(spec)
-    if not (path / "config.json").is_file():
-        raise UserError("not a model directory (no config.json)", where=spec)
+    check_model_dir(path, spec)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)})", where=spec)
-    if needs_chat_template and not AutoTokenizer.from_pretrained(path).chat_template:
+    if needs_chat_template and not AutoTokenizer.from_pretrained(path, trust_remote_code=False).chat_template:
         raise UserError("this suite renders prompts with the chat template, and the tokenizer has none", where=spec)
     return path
 
@@ -110,7 +116,7 @@ def evaluate(
 
     # fp32 on CPU, where bf16 matmuls are slow and add rounding; bf16 on GPUs. Same for every model.
     lm = HFLM(pretrained=str(path), backend="causal", device=device, batch_size=batch_size,
-              dtype="float32" if device == "cpu" else "bfloat16")  # fmt: skip
+              dtype="float32" if device == "cpu" else "bfloat16", use_safetensors=True, trust_remote_code=False)  # fmt: skip
     with atomic_dir(target, overwrite=True) as tmp:
         # An output path ending in .json makes lm-eval write results_<date>.json and samples_<task>_<date>.jsonl
         # side by side in its folder, instead of adding a folder named after the model.
@@ -131,7 +137,21 @@ def evaluate(
             tracker.save_results_samples(task_name=task, samples=samples[task])
         if not any(tmp.glob("results_*.json")):  # lm-eval logs a failed write and carries on
             raise RuntimeError(f"lm-eval wrote no results file for {spec}")
+        _rewrite_non_finite(tmp)
     return results
+
+
+def _rewrite_non_finite(directory: Path) -> None:
+    """lm-eval writes a NaN score or stderr as a bare NaN, which is not JSON: write those values as null."""
+    for path in [*directory.glob("results_*.json"), *directory.glob("samples_*.jsonl")]:
+        text = path.read_text(encoding="utf-8")
+        if "NaN" not in text and "Infinity" not in text:
+            continue
+        if path.suffix == ".jsonl":
+            lines = (json.loads(line) for line in text.splitlines() if line.strip())
+            path.write_text("".join(to_json(item, ensure_ascii=False) + "\n" for item in lines), encoding="utf-8")
+        else:
+            path.write_text(to_json(json.loads(text), indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 def summary(spec: str, suite: Suite, results: dict[str, Any], seconds: float) -> str:

@@ -6,28 +6,38 @@ machine that runs the evaluation. :func:`run` executes one Python program with
 - a wall-clock limit that kills the whole process tree, a CPU-time limit, an address-space limit per
   process, a cap on the number of processes, and a file-size limit (which also caps the private working
   directory),
+- an unprivileged identity, even when the evaluation runs as root: the kernel exempts the global uid 0
+  from RLIMIT_NPROC, so a root caller's program runs under a uid of its own, fresh per run (no host file
+  belongs to it, no other process shares its process count); an unprivileged caller's program keeps the
+  caller's uid, mapped to root in a user namespace of its own, with every capability dropped,
 - no network (an empty network namespace), no view of host processes (a PID namespace),
-- the host's files read-only, a private tmpfs ``/tmp`` as the only writable place (``/run`` is hidden so
-  host sockets are out of reach),
+- a root of its own: a read-only tmpfs holding only the interpreter, its standard library (without the
+  base installation's site-packages) and the shared libraries they load, a few device nodes, its own
+  ``/proc`` and a private size-capped tmpfs ``/tmp`` as the only writable place; the rest of the host
+  (``/etc``, ``/root``, home directories, the checkout, sockets under ``/run``) does not exist in there,
 - nothing left running afterwards: the program's namespace dies with its init process.
 
-Isolation comes from Linux namespaces through one of the :data:`BACKENDS`: ``bwrap`` (Debian/Ubuntu
-package ``bubblewrap``; allowed by Ubuntu's AppArmor profile where unprivileged namespaces are not) or
-``unshare`` (util-linux, needs user namespaces). Where neither works, code tasks are refused unless the
-user opts into the ``unsafe`` backend (limits and a temporary directory, but no isolation) with
-``--allow-unsafe-code`` or ``MERGE_XLSTM_ALLOW_UNSAFE_CODE=1``.
+Isolation comes from Linux namespaces through one of the :data:`BACKENDS`, tried in order: ``bwrap``
+(Debian/Ubuntu package ``bubblewrap``; allowed by Ubuntu's AppArmor profile where unprivileged user
+namespaces are not) or ``unshare`` (util-linux; root may always use it, other users need user
+namespaces). Each is probed once per process by running a program through it. Where neither works, code tasks
+are refused unless the user opts into the ``unsafe`` backend (limits and a temporary directory, but no
+isolation) with ``--allow-unsafe-code`` or ``MERGE_XLSTM_ALLOW_UNSAFE_CODE=1``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Callable
@@ -46,6 +56,12 @@ UNSAFE_ENV = "MERGE_XLSTM_ALLOW_UNSAFE_CODE"
 _INIT_SOURCE = Path(__file__).with_name("_sandbox_init.py").read_text()
 _PYTHON = os.path.realpath(sys.executable)
 _SIGXCPU_EXIT = 128 + signal.SIGXCPU
+# A root caller's programs run under a uid drawn from this range, one per run: no host file or process
+# belongs to it, and RLIMIT_NPROC, which counts per uid, counts exactly that run's processes.
+SANDBOX_UIDS = range(0x7F000000, 0x7FFF0000)
+_LD_CACHE = "/etc/ld.so.cache"  # the dynamic loader's index: library names only, no secrets
+# Device nodes a program may open; /dev/shm (POSIX semaphores, multiprocessing locks) is a link to /tmp.
+DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 
 
 class SandboxUnavailable(UserError):
@@ -74,34 +90,97 @@ class SandboxResult:
     backend: str
 
 
+@dataclass(frozen=True)
+class Exposure:
+    """The host paths a program sees, read-only and at their own paths: what the interpreter needs."""
+
+    read_only: tuple[str, ...]  # files and directories, none inside another
+    hidden: tuple[str, ...]  # directories inside those, shown empty (the base installation's packages)
+    devices: tuple[str, ...] = DEVICES
+
+
+@functools.cache
+def exposure() -> Exposure:
+    """The interpreter, its standard library and extension modules, and the shared libraries they load."""
+    stdlib = sysconfig.get_paths()["stdlib"]  # the base installation's, also when run from a venv
+    dynload = sysconfig.get_config_var("DESTSHARED") or os.path.join(stdlib, "lib-dynload")
+    extensions = sorted(str(path) for path in Path(dynload).glob("*.so"))
+    wanted = {_PYTHON, stdlib, dynload, _LD_CACHE, *_shared_libraries([_PYTHON, *extensions])}
+    read_only: list[str] = []
+    for path in sorted(p for p in wanted if os.path.exists(p)):  # a parent sorts before what it holds
+        if not any(path.startswith(parent + os.sep) for parent in read_only):
+            read_only.append(path)
+    packages = (os.path.join(stdlib, name) for name in ("site-packages", "dist-packages"))
+    return Exposure(tuple(read_only), tuple(p for p in packages if os.path.isdir(p)))
+
+
+def _shared_libraries(files: list[str]) -> list[str]:
+    """The libraries `files` load, loader included, at the paths the dynamic loader resolves (`ldd`)."""
+    try:
+        listing = subprocess.run(["ldd", *files], capture_output=True, text=True, timeout=60, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []  # then the interpreter cannot start in the sandbox, and the backend's probe fails
+    found = []
+    for line in listing.splitlines():
+        words = line.split()
+        if not line[:1].isspace() or not words:  # "FILE:" headers of a listing of several files
+            continue
+        path = words[2] if len(words) > 2 and words[1] == "=>" else words[0]
+        if path.startswith("/"):
+            found.append(path)
+    return found
+
+
+def _runs_as_global_root() -> bool:
+    """Whether this process is uid 0 of the initial user namespace, the one uid RLIMIT_NPROC exempts."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        return Path("/proc/self/uid_map").read_text().split()[:2] == ["0", "0"]
+    except OSError:
+        return True
+
+
 class Backend(NamedTuple):
     isolated: bool
     wrap: Callable[[Limits], list[str]]  # command prefix that puts the init helper in the sandbox
-    init_locks_filesystem: bool = False  # the backend only makes namespaces; the init helper mounts
+    builds_root: bool = False  # the backend only makes namespaces; the init helper builds the root
 
 
 BACKENDS: Registry[Backend] = Registry("sandbox backend")
 
 
 def _bwrap(limits: Limits) -> list[str]:
+    exposed = exposure()
+    # bwrap would create the bound paths' parents 0700, which a root caller's sandbox uid cannot cross.
+    shown = (*exposed.read_only, *exposed.devices)
+    parents = sorted({str(parent) for path in shown for parent in Path(path).parents} - {"/"})
+    binds = [arg for path in parents for arg in ("--perms", "0755", "--dir", path)]
+    binds += [arg for path in exposed.read_only for arg in ("--ro-bind", path, path)]
+    hidden = [arg for path in exposed.hidden for arg in ("--tmpfs", path, "--remount-ro", path)]
+    if _runs_as_global_root():
+        # No user namespace, which would map the program back to uid 0: the init helper switches uid.
+        identity = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--cap-drop", "ALL",
+                    "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]  # fmt: skip
+    else:
+        identity = ["--unshare-all", "--unshare-user", "--cap-drop", "ALL"]
+    devices = [arg for path in exposed.devices for arg in ("--dev-bind", path, path)]
     return [
-        "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-        "--size", str(limits.disk_mb << 20), "--tmpfs", "/tmp",
-        "--tmpfs", "/run", "--remount-ro", "/run", "--remount-ro", "/proc", "--remount-ro", "/dev",
-        "--unshare-all", "--unshare-user", "--as-pid-1", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-        "--chdir", "/tmp",
+        "bwrap", *binds, *hidden, *devices, "--symlink", "/tmp", "/dev/shm", "--proc", "/proc",
+        "--size", str(limits.disk_mb << 20), "--perms", "1777", "--tmpfs", "/tmp",
+        "--remount-ro", "/", "--remount-ro", "/proc",
+        *identity, "--as-pid-1", "--die-with-parent", "--new-session", "--chdir", "/tmp",
     ]  # fmt: skip
 
 
 def _unshare(limits: Limits) -> list[str]:
-    return [
-        "unshare", "--user", "--map-root-user", "--mount", "--net", "--pid", "--ipc", "--uts",
-        "--kill-child", "--mount-proc",
-    ]  # fmt: skip
+    # Root needs no user namespace to make the others; mapping it into one would keep the program uid 0.
+    user = [] if _runs_as_global_root() else ["--user", "--map-root-user"]
+    return ["unshare", *user, "--mount", "--net", "--pid", "--ipc", "--uts", "--kill-child", "--mount-proc"]
 
 
 BACKENDS.register("bwrap")(Backend(isolated=True, wrap=_bwrap))
-BACKENDS.register("unshare")(Backend(isolated=True, wrap=_unshare, init_locks_filesystem=True))
+BACKENDS.register("unshare")(Backend(isolated=True, wrap=_unshare, builds_root=True))
 BACKENDS.register("unsafe")(Backend(isolated=False, wrap=lambda limits: []))
 
 
@@ -161,19 +240,25 @@ def available_backends() -> tuple[str, ...]:
 def _execute(
     program: str, timeout_s: float, limits: Limits, name: str, backend: Backend, workdir: str | None
 ) -> SandboxResult:
+    fresh_uid = backend.isolated and _runs_as_global_root()
     config = {
-        "isolate": backend.init_locks_filesystem,
+        "root": dataclasses.asdict(exposure()) if backend.builds_root else None,
+        "uid": random.randrange(SANDBOX_UIDS.start, SANDBOX_UIDS.stop) if fresh_uid else None,
         "workdir": workdir or "/tmp",
         "python": _PYTHON,
         "cpu_s": limits.cpu_s or timeout_s,
         "memory_bytes": limits.memory_mb << 20,
         "file_bytes": limits.disk_mb << 20,
-        # RLIMIT_NPROC counts per user and user namespace: inside the sandbox's own namespace it caps the
-        # sandbox; outside one it would count every process of the calling user (and not bind root at all).
+        # RLIMIT_NPROC counts per uid and user namespace: under the run's own uid or inside the sandbox's own
+        # user namespace it caps the sandbox; without isolation it would count every process of the caller
+        # (and not bind root at all).
         "max_processes": limits.processes if backend.isolated else None,
         "env": _program_env(workdir or "/tmp"),
     }
-    command = [*backend.wrap(limits), _PYTHON, "-I", "-S", "-c", _INIT_SOURCE, json.dumps(config)]
+    wrapper = backend.wrap(limits)
+    if wrapper:  # found on the caller's PATH, which the program's environment does not share
+        wrapper[0] = shutil.which(wrapper[0]) or wrapper[0]
+    command = [*wrapper, _PYTHON, "-I", "-S", "-c", _INIT_SOURCE, json.dumps(config)]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.monotonic()
         proc = subprocess.Popen(

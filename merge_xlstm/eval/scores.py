@@ -123,7 +123,24 @@ def _from_mapping(data: Any, where: str) -> dict[str, TaskScore]:
     return {task: TaskScore(score / scale, domain, None, None) for task, (score, domain) in entries.items()}
 
 
+def _check_lm_eval(data: dict[str, Any], where: str) -> None:
+    """The parts of an lm-eval results file that compare reads hold the types lm-eval writes."""
+    sections = {"results": dict, "configs": dict, "group_subtasks": list, "higher_is_better": dict}
+    for section, entry_type in sections.items():
+        entries = data.get(section, {})
+        if not isinstance(entries, dict):
+            raise UserError(f"{section}: expected an object, got {type(entries).__name__}", where=where)
+        for name, entry in entries.items():
+            if not isinstance(entry, entry_type):
+                raise UserError(f"{section}.{name}: expected {'a list' if entry_type is list else 'an object'}, "
+                                f"got {type(entry).__name__}", where=where)  # fmt: skip
+    for name, config in data.get("configs", {}).items():
+        if not isinstance(config.get("metadata", {}), dict):
+            raise UserError(f"configs.{name}.metadata: expected an object", where=where)
+
+
 def _from_lm_eval(path: Path, data: dict[str, Any]) -> dict[str, TaskScore]:
+    _check_lm_eval(data, str(path))
     results, configs = data["results"], data.get("configs", {})
     groups: dict[str, list[str]] = data.get("group_subtasks", {})
     higher = data.get("higher_is_better", {})
@@ -181,12 +198,29 @@ def _doc_values(samples: Path, metric: str, score: float) -> DocValues | None:
         return None
     name, filter_name = metric.split(",", 1)
     values, hashes = {}, {}
-    with samples.open(encoding="utf-8") as handle:
-        for line in handle:
-            sample = json.loads(line)
-            if sample.get("filter", "none") == filter_name and isinstance(sample.get(name), (int, float)):
-                values[sample["doc_id"]] = float(sample[name])
-                hashes[sample["doc_id"]] = sample.get("doc_hash", "")
+    for sample in _samples(samples):
+        if sample.get("filter", "none") == filter_name and isinstance(sample.get(name), (int, float)):
+            values[sample["doc_id"]] = float(sample[name])
+            hashes[sample["doc_id"]] = sample.get("doc_hash", "")
     if not values or abs(np.mean(list(values.values())) - score) > SAMPLE_MEAN_TOLERANCE:
         return None
     return DocValues(values, hashes)
+
+
+def _samples(path: Path) -> Iterator[dict[str, Any]]:
+    """lm-eval's per-document log: one JSON object with an integer doc_id per line."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    sample = json.loads(line)
+                except ValueError as exc:
+                    raise UserError(f"line {number} is not JSON ({getattr(exc, 'msg', exc)})", where=str(path)) from None
+                doc_id = sample.get("doc_id") if isinstance(sample, dict) else None
+                if type(doc_id) is not int:  # a bool is no document number either
+                    raise UserError(f"line {number}: expected a JSON object with an integer doc_id", where=str(path))
+                yield sample
+    except UnicodeDecodeError:
+        raise UserError("is not UTF-8 text; expected lm-eval's samples log (JSON lines)", where=str(path)) from None

@@ -20,8 +20,10 @@ documents, training the ones after. The packed result is saved with ``save_to_di
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import functools
+import gzip
 import hashlib
 import itertools
 import json
@@ -51,6 +53,8 @@ SPLITS = ("train", "validation")
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
 # Benchmarks whose every split is scored (HumanEval has only "test"): never training data.
 _EVAL_ONLY = re.compile(r"human[-_]?eval", re.IGNORECASE)
+_HEAD_BYTES = 1 << 16  # how much of a local file is read up front to tell text from binary
+_TEXT_FORMATS = {".jsonl": "JSON lines", ".json": "JSON", ".txt": "plain text", ".csv": "CSV"}
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,7 @@ def build_packed_dataset(spec: DataSpec, tokenizer: Any, *, num_tokens: int, see
     ``max(1, round(train rows * validation_fraction))`` rows from documents training never sees.
     """
     check_sources(spec)
-    key = _cache_key(spec, tokenizer, num_tokens, seed)
+    key = packed_key(spec, tokenizer, num_tokens, seed)
     target = Path(cache_dir) / f"packed-{key}"
     if not target.exists():
         try:
@@ -89,7 +93,7 @@ def build_packed_dataset(spec: DataSpec, tokenizer: Any, *, num_tokens: int, see
 
 
 def check_sources(spec: DataSpec) -> None:
-    """Refuse evaluation data and unknown packaged sources before any work is done."""
+    """Refuse evaluation data, unknown packaged sources and unreadable local files before any work is done."""
     for i, source in enumerate(spec.sources):
         where = f"data.sources[{i}]"
         # Split expressions may combine and slice splits: "train+test", "test[:10%]".
@@ -105,6 +109,42 @@ def check_sources(spec: DataSpec) -> None:
             name = source.path.removeprefix(PACKAGED_PREFIX)
             if name not in PACKAGED:
                 raise UserError(f"unknown packaged source {name!r} (known: {', '.join(PACKAGED.names())})", where=where)
+        elif Path(source.path).expanduser().is_file():
+            _check_local_file(Path(source.path).expanduser(), where)
+
+
+def _check_local_file(path: Path, where: str) -> None:
+    """An empty or binary file would otherwise fail deep inside `datasets` with a message about neither."""
+    suffix = Path(path.name.removesuffix(".gz")).suffix
+    if suffix not in _BUILDERS:
+        return  # _load_records names the formats it reads
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as handle:
+            head = handle.read(_HEAD_BYTES)
+    except (OSError, EOFError) as exc:  # EOFError: a truncated .gz
+        raise UserError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}", where=where) from None
+    if suffix == ".parquet":
+        if not head.startswith(b"PAR1"):
+            raise UserError(f"{path} is not a Parquet file (it does not start with PAR1)", where=where)
+        return
+    expected = _TEXT_FORMATS[suffix]
+    if not head.strip():
+        raise UserError(f"{path} is empty; expected {expected} with documents", where=where)
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head.replace(b"\0", b"\xff"))  # NUL: binary too
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text (binary data at byte {exc.start}); expected {expected}",
+                        where=where) from None  # fmt: skip
+    if suffix == ".jsonl":
+        lines = text.splitlines()
+        number, line = next((i, line) for i, line in enumerate(lines, 1) if line.strip())
+        complete = len(head) < _HEAD_BYTES or number < len(lines)  # a first line longer than the head is not judged
+        try:
+            record = json.loads(line) if complete else {}
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}: line {number} is not a JSON object; expected {expected}", where=where)
 
 
 # ------------------------------------------------------------------------------------ cache keys
@@ -129,7 +169,8 @@ def _source_key(source: DataSource) -> str:
     return _hash(source.model_dump(exclude={"weight"}), str(path.resolve()), stat and (stat.st_size, stat.st_mtime_ns))
 
 
-def _cache_key(spec: DataSpec, tokenizer: Any, num_tokens: int, seed: int) -> str:
+def packed_key(spec: DataSpec, tokenizer: Any, num_tokens: int, seed: int) -> str:
+    """The key of the packed rows (`PackedData.fingerprint`), known before anything is built."""
     return _hash(
         CACHE_VERSION,
         spec.model_dump(),

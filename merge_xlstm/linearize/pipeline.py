@@ -6,6 +6,11 @@ Every step leaves a durable, atomically written result and is skipped when that 
     <cache>/targets/K/   the teacher's top-k targets for this data (shards, resumable)
     <output>/            the expert: weights, tokenizer, merge_xlstm.json, README.md, metrics.jsonl, loss.png
 
+Results computed from the teacher are keyed by its content (config, weights and tokenizer files,
+:mod:`merge_xlstm.digests`), not by its name: replacing a teacher's weights in place makes new
+targets, and a seed of the old weights is refused. Everything that can be checked before loading the
+teacher is (:mod:`merge_xlstm.linearize.preflight`).
+
 Work in progress lives in `<seed>.partial/` and `<output>.partial/` (checkpoints, metrics) and is
 removed once the result is written, so rerunning after a kill resumes and rerunning after success
 does nothing.
@@ -26,9 +31,11 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from merge_xlstm.digests import content_digest
 from merge_xlstm.errors import UserError
-from merge_xlstm.io import atomic_dir
+from merge_xlstm.io import atomic_dir, to_json
 from merge_xlstm.linearize.data import build_packed_dataset
+from merge_xlstm.linearize.preflight import check_before_work, targets_dir, training_rows
 from merge_xlstm.linearize.report import (
     long_context_report,
     model_card,
@@ -37,13 +44,13 @@ from merge_xlstm.linearize.report import (
     validation_metrics,
 )
 from merge_xlstm.linearize.stage1 import run_stage1
-from merge_xlstm.linearize.stage2 import run_stage2, steps_per_epoch, total_steps
+from merge_xlstm.linearize.stage2 import run_stage2, total_steps
 from merge_xlstm.linearize.targets import WithTargets, compute_targets
 from merge_xlstm.linearize.training import MetricsLog, make_accelerator, num_steps
 from merge_xlstm.provenance import read_metadata, weights_digest, write_metadata
 from merge_xlstm.recipe import LinearizeRecipe, load_linearize_recipe
 from merge_xlstm.student import from_teacher
-from merge_xlstm.teacher import cache_dir, load_teacher
+from merge_xlstm.teacher import cache_dir, load_teacher, resolve_teacher
 
 METRICS = "metrics.jsonl"
 
@@ -56,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
         for spec in (recipe.stage1, recipe.stage2):
             if spec is not None:
                 spec.tokens = max(1, math.ceil(spec.tokens * args.tokens_scale))
-    linearize(recipe, device=args.device)
+    linearize(recipe, device=args.device, source=args.recipe)
     return 0
 
 
@@ -64,77 +71,92 @@ def fingerprint(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def linearize(recipe: LinearizeRecipe, *, device: str | None = None) -> Path:
-    """Run (or resume, or skip) the whole recipe; return the expert directory."""
+def linearize(recipe: LinearizeRecipe, *, device: str | None = None, source: str | None = None) -> Path:
+    """Run (or resume, or skip) the whole recipe; return the expert directory.
+
+    `source` is the recipe's file, named in errors about its fields.
+    """
     output = Path(recipe.output)
-    recipe_key = fingerprint(recipe.model_dump(exclude={"longctx"}))  # report settings: the weights do not change
+    teacher_dir = resolve_teacher(recipe.teacher)
+    teacher_digest = content_digest(teacher_dir, cache_dir())
+    # The report's long-context budget does not change the weights, so it is not part of the key.
+    recipe_key = fingerprint({"recipe": recipe.model_dump(exclude={"longctx"}), "teacher": teacher_digest})
     existing = read_metadata(output)
     if existing.get("kind") == "expert" and existing.get("recipe_key") == recipe_key:
         print(f"{output}: already linearized with this recipe; nothing to do")
         return output
     if output.exists():
-        raise UserError("exists and was not made by this recipe; delete it or choose another output", where=str(output))
+        raise UserError("exists and was not made by this recipe (or this teacher's content); delete it or choose "
+                        "another output", where=str(output))  # fmt: skip
+    check_before_work(recipe, teacher_dir, teacher_digest, seed_key(recipe, teacher_digest), cache_dir(), source)
 
     accelerator = make_accelerator(device, recipe.precision)
     teacher_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-    teacher, tokenizer = load_teacher(recipe.teacher, dtype=teacher_dtype, device=accelerator.device)
+    teacher, tokenizer = load_teacher(teacher_dir, dtype=teacher_dtype, device=accelerator.device)
     seq_len = recipe.data.seq_len
-    rows1 = num_steps(recipe.stage1, seq_len) * recipe.stage1.batch_size if recipe.stage1 else 0
-    rows2 = steps_per_epoch(recipe) * recipe.stage2.batch_size
-    data = build_packed_dataset(
-        recipe.data, tokenizer, num_tokens=max(rows1, rows2) * seq_len, seed=recipe.random_seed,
-        cache_dir=cache_dir() / "data",
-    )
-    seed_dir = ensure_seed(recipe, teacher, tokenizer, data.train, accelerator)
+    rows1, rows2 = training_rows(recipe)
+    try:
+        data = build_packed_dataset(
+            recipe.data, tokenizer, num_tokens=max(rows1, rows2) * seq_len, seed=recipe.random_seed,
+            cache_dir=cache_dir() / "data",
+        )
+    except UserError as exc:  # names a field of the recipe (data.sources[0]): add the recipe file
+        raise exc.located_in(source) if source else exc from None
+    seed_reused = read_metadata(recipe.seed).get("kind") == "seed"
+    seed_dir = ensure_seed(recipe, teacher, tokenizer, data.train, accelerator, teacher_digest)
     seed_meta = read_metadata(seed_dir)
 
-    targets_dir = cache_dir() / "targets" / fingerprint(
-        {"teacher": recipe.teacher, "data": data.fingerprint, "k": recipe.stage2.top_k}
-    )
+    targets = targets_dir(cache_dir(), teacher_digest, data.fingerprint, recipe.stage2.top_k)
     for split, rows, n in (("train", data.train, rows2), ("validation", data.validation, len(data.validation))):
         if recipe.student.kind == "hybrid" or split == "validation":
-            compute_targets(teacher, rows, rows=n, top_k=recipe.stage2.top_k, directory=targets_dir, split=split,
+            compute_targets(teacher, rows, rows=n, top_k=recipe.stage2.top_k, directory=targets, split=split,
                             accelerator=accelerator)
     live_teacher = teacher if recipe.student.kind == "distil_xlstm" else None
     if live_teacher is None:
         del teacher  # stage II of the hybrid student reads stored targets only
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    train_rows = WithTargets(data.train, targets_dir, "train") if recipe.student.kind == "hybrid" else data.train
+    train_rows = WithTargets(data.train, targets, "train") if recipe.student.kind == "hybrid" else data.train
 
     work = output.with_name(output.name + ".partial")
-    student = AutoModelForCausalLM.from_pretrained(seed_dir, dtype=torch.float32).to(accelerator.device)
+    # Safetensors only, never the directory's own code: the seed is a file anyone may have replaced.
+    student = AutoModelForCausalLM.from_pretrained(
+        seed_dir, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+    ).to(accelerator.device)
     student = run_stage2(recipe, student=student, teacher=live_teacher, dataset=train_rows,
                          accelerator=accelerator, work_dir=work)
     if accelerator.is_main_process:
-        validation = WithTargets(data.validation, targets_dir, "validation")
+        validation = WithTargets(data.validation, targets, "validation")
         metrics = validation_metrics(student, validation, accelerator.device, recipe.stage2.top_k)
         gates = output_gate_medians(student, validation[0], accelerator.device)
-        longctx = long_context_report(student, tokenizer, recipe.longctx, teacher=recipe.teacher,
+        longctx = long_context_report(student, tokenizer, recipe.longctx, teacher=str(teacher_dir),
                                       device=accelerator.device)  # fmt: skip
         provenance = {
             "kind": "expert",
             "seed_id": seed_meta["seed_id"],
             "seed_path": str(seed_dir),
+            "seed_reused": seed_reused,
             "recipe_key": recipe_key,
             "teacher": recipe.teacher,
+            "teacher_digest": teacher_digest,
             "tokens": {"stage1": seed_meta.get("tokens", {}).get("stage1"),
                        "stage2": total_steps(recipe) * recipe.stage2.batch_size * seq_len},
             "validation": metrics,
             "output_gate_medians": gates,
             "long_context": longctx,
         }
+        # The card shows the stage I that made the seed: a reused seed's own settings, not the recipe's block.
         _write_model_dir(output, student, tokenizer, provenance, recipe, metrics, gates,
-                         metrics_sources=[seed_dir / METRICS, work / METRICS])
+                         metrics_sources=[seed_dir / METRICS, work / METRICS], stage1=seed_meta.get("stage1"))
         shutil.rmtree(work, ignore_errors=True)
         print(f"{output}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     accelerator.wait_for_everyone()
     return output
 
 
-def seed_key(recipe: LinearizeRecipe) -> str:
-    """What makes two recipes' seeds interchangeable: the teacher and the student options."""
-    return fingerprint({"teacher": recipe.teacher, "student": recipe.student.model_dump()})
+def seed_key(recipe: LinearizeRecipe, teacher_digest: str) -> str:
+    """What makes two recipes' seeds interchangeable: the teacher's content and the student options."""
+    return fingerprint({"teacher": teacher_digest, "student": recipe.student.model_dump()})
 
 
 def ensure_seed(
@@ -143,18 +165,20 @@ def ensure_seed(
     tokenizer: PreTrainedTokenizerBase,
     dataset: Any,
     accelerator: Accelerator,
+    teacher_digest: str,
 ) -> Path:
-    """Return the shared seed directory, running stage I (or the fresh init) only if it is missing."""
-    seed_dir, key = Path(recipe.seed), seed_key(recipe)
+    """Return the shared seed directory, running stage I (or the fresh init) only if it is missing.
+
+    An existing seed was checked against this teacher and these student options before any work.
+    """
+    seed_dir = Path(recipe.seed)
     meta = read_metadata(seed_dir)
     if meta.get("kind") == "seed":
-        if meta.get("seed_key") != key:
-            raise UserError("holds a seed for another teacher or student config; delete it or choose another seed",
-                            where=str(seed_dir))
-        accelerator.print(f"{seed_dir}: reusing the shared seed (stage I: {meta['tokens']['stage1']} tokens)")
+        note = ""
+        if meta.get("stage1") != (recipe.stage1.model_dump() if recipe.stage1 else None):
+            note = "; this recipe's stage1 block differs and is not used"
+        accelerator.print(f"{seed_dir}: reusing the shared seed (stage I: {meta['tokens']['stage1']} tokens){note}")
         return seed_dir
-    if seed_dir.exists():
-        raise UserError("exists but is not a merge-xlstm seed", where=str(seed_dir))
 
     torch.manual_seed(recipe.random_seed)
     options = recipe.student.model_dump()
@@ -167,13 +191,15 @@ def ensure_seed(
     if accelerator.is_main_process:
         record = {
             "kind": "seed",
-            "seed_key": key,
+            "seed_key": seed_key(recipe, teacher_digest),
             "teacher": recipe.teacher,
+            "teacher_digest": teacher_digest,
             "student": options,
             "stage1": recipe.stage1.model_dump() if recipe.stage1 else None,
             "tokens": {"stage1": stage1_tokens},
         }
-        _write_model_dir(seed_dir, student, tokenizer, record, recipe, {}, None, metrics_sources=[work / METRICS])
+        _write_model_dir(seed_dir, student, tokenizer, record, recipe, {}, None, metrics_sources=[work / METRICS],
+                         stage1=record["stage1"])
         shutil.rmtree(work, ignore_errors=True)
     accelerator.wait_for_everyone()
     return seed_dir
@@ -189,10 +215,12 @@ def _write_model_dir(
     gates: list[float] | None,
     *,
     metrics_sources: list[Path],
+    stage1: dict[str, Any] | None,
 ) -> None:
     """Write a loadable model directory atomically, with provenance, card, metrics and loss curves.
 
-    A seed's `seed_id` is the digest of its own weights; an expert carries its seed's id.
+    A seed's `seed_id` is the digest of its own weights; an expert carries its seed's id. The card's
+    recipe shows `stage1`, the settings of the stage I that made the seed.
     """
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
@@ -201,7 +229,8 @@ def _write_model_dir(
             record["seed_id"] = weights_digest(tmp)
         write_metadata(tmp, record)
         rows = [row for source in metrics_sources for row in MetricsLog.read(source)]
-        (tmp / METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp / METRICS).write_text("".join(to_json(r) + "\n" for r in rows))
         plot_losses(tmp / METRICS, tmp / "loss.png")
-        card = model_card(name=target.name, recipe=recipe.model_dump(), provenance=record, metrics=metrics, gates=gates)
+        ran = {**recipe.model_dump(), "stage1": stage1}
+        card = model_card(name=target.name, recipe=ran, provenance=record, metrics=metrics, gates=gates)
         (tmp / "README.md").write_text(card)

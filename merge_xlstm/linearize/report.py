@@ -37,10 +37,15 @@ def validation_metrics(student: nn.Module, rows: Any, device: torch.device, top_
         "student_ce": ce / count,
         "teacher_ce": nll_teacher / count,
         f"top{top_k}_kl": kl / count,
-        "student_ppl": math.exp(ce / count),
-        "teacher_ppl": math.exp(nll_teacher / count),
+        "student_ppl": _exp(ce / count),
+        "teacher_ppl": _exp(nll_teacher / count),
         "validation_tokens": int(count),
     }
+
+
+def _exp(x: float) -> float:
+    """exp that overflows to inf (written as null in JSON) instead of raising OverflowError."""
+    return math.inf if x > 709.0 else math.exp(x)
 
 
 @contextlib.contextmanager
@@ -201,6 +206,8 @@ def model_card(
         f"- seed: `{provenance.get('seed_path')}` (seed_id `{provenance.get('seed_id')}`)",
         f"- stage I tokens: {provenance.get('tokens', {}).get('stage1')}; stage II tokens: "
         f"{provenance.get('tokens', {}).get('stage2')}",
+        *(["- stage I did not run for this expert: the seed already existed and was reused; the recipe below "
+           "shows the seed's own stage-I settings (from its merge_xlstm.json)"] if provenance.get("seed_reused") else []),
         "",
         "## Validation (held-out packed rows of the recipe's data)",
         *[f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in metrics.items()],

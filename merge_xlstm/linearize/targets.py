@@ -104,3 +104,8 @@ class WithTargets:
             for key in ("topk_logprobs", "topk_indices", "teacher_nll"):
                 item[key] = handle.get_slice(key)[offset : offset + 1][0]
         return item
+
+
+def bytes_per_row(seq_len: int, top_k: int) -> int:
+    """Disk bytes of one packed row's stored targets: fp16 log-probs and int32 indices per kept token, fp32 NLL."""
+    return seq_len * (top_k * (2 + 4) + 4)

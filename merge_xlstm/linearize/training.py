@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from merge_xlstm.io import atomic_dir, atomic_file
+from merge_xlstm.errors import UserError
+from merge_xlstm.io import atomic_dir, atomic_file, to_json
 from merge_xlstm.recipe import OptimSpec
 
 CHECKPOINT = "checkpoint"
@@ -126,7 +127,7 @@ class MetricsLog:
         keep = [r for r in rows if r["stage"] != stage or r["step"] <= resume_step]
         if len(keep) != len(rows):
             with atomic_file(path) as handle:
-                handle.writelines(json.dumps(r) + "\n" for r in keep)
+                handle.writelines(to_json(r) + "\n" for r in keep)
 
     @staticmethod
     def read(path: Path) -> list[dict[str, Any]]:
@@ -137,7 +138,7 @@ class MetricsLog:
     def write(self, row: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as handle:
-            handle.write(json.dumps({"stage": self.stage, **row}) + "\n")
+            handle.write(to_json({"stage": self.stage, **row}) + "\n")
 
 
 StepFn = Callable[[dict[str, Tensor], int], tuple[Tensor, dict[str, float]]]
@@ -162,7 +163,9 @@ def train_loop(
     """Run optimizer steps from the last checkpoint to `total_steps`, logging and checkpointing.
 
     No checkpoint is written at the end: the caller's atomically written result (seed or expert
-    directory) is the stage's completion mark, and the work directory is removed after it.
+    directory) is the stage's completion mark, and the work directory is removed after it. A step
+    whose loss or gradient norm is not finite stops the run (:func:`diverged`) before the optimizer
+    applies it, so no checkpoint and no result ever holds what a diverged step made.
 
     `step_fn(micro_batch, step)` returns the micro-batch's loss (mean over its tokens) and its parts;
     micro-batch losses are averaged into one optimizer step of `spec.batch_size` rows.
@@ -178,6 +181,7 @@ def train_loop(
     bar = tqdm(total=total_steps, initial=start, desc=stage, unit="step", disable=not accelerator.is_main_process)
     micro_per_step = math.ceil(math.ceil(spec.batch_size / accelerator.num_processes) / spec.micro_batch_size)
     model.train()
+    saved = start
     for step in range(start, total_steps):
         began = time.perf_counter()
         lr = lr_at(step)
@@ -192,7 +196,11 @@ def train_loop(
             accelerator.backward(loss / micro_per_step)
             for key, value in {"loss": loss.item(), **parts}.items():
                 sums[key] = sums.get(key, 0.0) + value / len(batches)
-        grad_norm = accelerator.clip_grad_norm_(list(params.values()), spec.grad_clip)
+        # One host sync per step: the global norm, the same on every process, so all of them stop together.
+        grad_norm = float(accelerator.clip_grad_norm_(list(params.values()), spec.grad_clip))
+        if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
+            bar.close()  # the error goes on a line of its own
+            raise diverged(stage, step + 1, f"loss {sums['loss']:g}, gradient norm {grad_norm:g}", checkpoint, saved)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tok_s = tokens_per_step / (time.perf_counter() - began)
@@ -202,7 +210,26 @@ def train_loop(
         if done % spec.log_every == 0 or done == total_steps or step == start:
             if accelerator.is_main_process:
                 log.write({"step": done, "tokens": done * tokens_per_step, "lr": lr,
-                           "grad_norm": float(grad_norm), "tokens_per_s": tok_s, **sums})
-        if done % spec.save_every == 0 and done < total_steps and accelerator.is_main_process:
-            checkpoint.save(params, optimizer, done)
+                           "grad_norm": grad_norm, "tokens_per_s": tok_s, **sums})
+        if done % spec.save_every == 0 and done < total_steps:
+            if accelerator.is_main_process:
+                checkpoint.save(params, optimizer, done)
+            saved = done
     bar.close()
+    # The last update has no next step to show its loss: one more forward on its last micro-batch does.
+    with torch.no_grad(), accelerator.autocast():
+        final = float(accelerator.reduce(step_fn(batches[-1], total_steps - 1)[0].detach(), reduction="sum"))
+    if not math.isfinite(final):
+        raise diverged(stage, total_steps, f"loss {final:g} after its update", checkpoint, saved)
+
+
+def diverged(stage: str, step: int, what: str, checkpoint: Checkpoint, saved: int) -> UserError:
+    """The one-line error of a non-finite step: which stage and step, and what a rerun resumes from."""
+    if saved:
+        kept = f"the last good checkpoint (step {saved}) is kept in {checkpoint.path} and a rerun resumes from it"
+    else:
+        kept = "no checkpoint had been written yet, so a rerun starts the stage over"
+    return UserError(
+        f"{stage} diverged at step {step} ({what}); no model was written; {kept}: lower {stage}.lr (or raise "
+        f"{stage}.warmup_steps) and run the recipe again"
+    )

@@ -6,12 +6,12 @@ the weights: machine-readable in ``merge_xlstm.json`` (kind "merged"), human-rea
 
 from __future__ import annotations
 
-import json
 from importlib.metadata import version
 from typing import Any
 
 import yaml
 
+from merge_xlstm.io import to_json
 from merge_xlstm.merge.checks import ModelDir
 from merge_xlstm.merge.methods import MergeMethodInfo
 from merge_xlstm.recipe import MergeRecipe
@@ -80,7 +80,7 @@ def model_card(record: dict[str, Any], method: MergeMethodInfo, name: str) -> st
         "As recorded in each input's `merge_xlstm.json` (also in this directory's `merge_xlstm.json`).",
         "",
         "```json",
-        json.dumps({"base": record["base"], "experts": record["experts"]}, indent=2),
+        to_json({"base": record["base"], "experts": record["experts"]}, indent=2),
         "```",
         "",
     ]

@@ -1,21 +1,20 @@
-"""Checks run before any merge work: same student, same tokenizer, same seed.
+"""Checks run before any merge work: same student, same tokenizer, same seed, finite weights.
 
 Averaging parameters is only meaningful between models of one architecture grown from one stage-I
 seed (REFERENCE.md §2-3). mergekit would happily average two unrelated checkpoints of equal shapes,
 so every mismatch is caught here, from config files, safetensors headers and provenance records
-alone (no tensor is read), and reported as one error naming the model and the first difference.
+alone, and reported as one error naming the model and the first difference. Only the last check,
+that every input holds finite numbers (a flipped byte can decode to NaN), reads the tensors.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-
 from merge_xlstm.errors import UserError
+from merge_xlstm.model_files import check_model_dir, first_non_finite, read_json_object, tensor_shapes
 from merge_xlstm.provenance import read_metadata, weights_digest
 
 # Written per save, not part of what the model is.
@@ -39,6 +38,7 @@ class ModelDir:
 
     label: str
     path: Path
+    shards: list[Path]
     config: dict[str, Any]
     shapes: dict[str, tuple[int, ...]]
     tokenizer: dict[str, Any]
@@ -49,28 +49,20 @@ class ModelDir:
         return self.provenance.get("seed_id")
 
 
-def _read_tokenizer_file(path: Path) -> Any:
+def _read_tokenizer_file(path: Path, where: str) -> Any:
     # JSON is compared parsed, so re-serialisation (key order, spacing) is no difference.
-    return json.loads(path.read_text()) if path.suffix == ".json" else path.read_bytes()
+    return read_json_object(path, where) if path.suffix == ".json" else path.read_bytes()
 
 
 def read_model_dir(label: str) -> ModelDir:
     """Read a model directory's config, tensor shapes, tokenizer files and provenance."""
     path = Path(label)
-    config_file = path / "config.json"
-    shards = sorted(path.glob("*.safetensors"))
-    if not config_file.is_file():
-        raise UserError("not a model directory (no config.json)", where=label)
-    if not shards:
-        raise UserError("no *.safetensors weights", where=label)
-    shapes = {}
-    for shard in shards:
-        with safe_open(shard, framework="pt") as handle:
-            for name in handle.keys():
-                shapes[name] = tuple(handle.get_slice(name).get_shape())
-    config = {k: v for k, v in json.loads(config_file.read_text()).items() if k not in VOLATILE_CONFIG_KEYS}
-    tokenizer = {n: _read_tokenizer_file(path / n) for n in TOKENIZER_FILES if (path / n).is_file()}
-    return ModelDir(label, path, config, shapes, tokenizer, read_metadata(path))
+    shards = check_model_dir(path, label)
+    shapes = {name: shape for shard in shards for name, shape in tensor_shapes(shard).items()}
+    config = read_json_object(path / "config.json", label)
+    config = {k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS}
+    tokenizer = {n: _read_tokenizer_file(path / n, label) for n in TOKENIZER_FILES if (path / n).is_file()}
+    return ModelDir(label, path, shards, config, shapes, tokenizer, read_metadata(path))
 
 
 def _first_field_difference(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str | None:
@@ -112,6 +104,15 @@ def check_same_student(reference: ModelDir, others: list[ModelDir], where: str) 
     for other in others:
         if found := first_difference(reference, other):
             raise UserError(f"{other.label} is not the same student as {reference.label}: {found}", where=where)
+
+
+def check_finite(models: list[ModelDir]) -> None:
+    """Every value of every input is a finite number: one NaN would spread into the merged tensor."""
+    for model in models:
+        if found := first_non_finite(model.shards):
+            shard, tensor = found
+            raise UserError(f"tensor {tensor} holds NaN or infinite values; a corrupt or diverged model cannot be "
+                            "merged", where=str(shard))  # fmt: skip
 
 
 def check_task_vector_base(base: ModelDir, experts: list[ModelDir], where: str) -> None:

@@ -130,8 +130,12 @@ def mergekit_parameters(
             _check(method, recipe, key, value, spot)
             if not method.per_expert(key):
                 raise UserError(f"{key} applies to the whole merge: set it under parameters", where=spot)
-    if method.fixed.get("normalize") and sum(e.weight for e in recipe.experts) <= 0:
-        raise UserError("the experts' weights sum to zero; a convex combination needs a positive sum",
-                        where=f"{where}: experts")
+    if all(e.weight == 0 for e in recipe.experts):  # weights are >= 0: their sum is zero
+        outcome = "returns the base unchanged" if method.needs_base else "is 0/0 (no convex combination)"
+        raise UserError(f"every expert's weight is 0, so the merge {outcome}; give an expert a weight above 0",
+                        where=f"{where}: experts.*.weight")  # fmt: skip
+    if recipe.parameters.get("lambda") == 0:
+        raise UserError("lambda 0 scales every task vector away and returns the base unchanged",
+                        where=f"{where}: parameters.lambda")  # fmt: skip
     expert_parameters = [{"weight": e.weight, **e.parameters} for e in recipe.experts]
     return {**recipe.parameters, **method.fixed}, expert_parameters

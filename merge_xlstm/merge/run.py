@@ -1,9 +1,11 @@
 """`merge-xlstm merge [RECIPE]`: check the experts, merge them with mergekit, write a student dir.
 
-Everything that can be wrong with a recipe is found before the first tensor is read (one line,
-exit 2, no output). The merge then streams into a temporary sibling of `output` that is renamed
-only when weights, config, tokenizer, provenance and model card are all written, so an
-interrupted merge leaves nothing behind.
+Everything that can be wrong with a recipe is found before the merge starts (one line, exit 2, no
+output): the recipe, the inputs' files and headers, a writable output, weights that would make the
+merge meaningless, and finally finite values in every input tensor. The merge then streams into a
+temporary sibling of `output` that is renamed only when weights, config, tokenizer, provenance and
+model card are all written, so an interrupted merge leaves nothing behind (and the next merge into
+the same output removes what a killed one left, see :mod:`merge_xlstm.io`).
 """
 
 from __future__ import annotations
@@ -19,9 +21,17 @@ from transformers import AutoConfig
 from merge_xlstm.errors import UserError
 from merge_xlstm.io import atomic_dir
 from merge_xlstm.merge.card import merged_record, model_card
-from merge_xlstm.merge.checks import ModelDir, check_same_student, check_task_vector_base, common_seed, read_model_dir
+from merge_xlstm.merge.checks import (
+    ModelDir,
+    check_finite,
+    check_same_student,
+    check_task_vector_base,
+    common_seed,
+    read_model_dir,
+)
 from merge_xlstm.merge.engine import merge_to_dir
 from merge_xlstm.merge.methods import MergeMethodInfo, Scalar, get_method, mergekit_parameters
+from merge_xlstm.preflight import check_writable_dir
 from merge_xlstm.provenance import write_metadata
 from merge_xlstm.recipe import MergeRecipe, load_merge_recipe
 
@@ -63,6 +73,7 @@ def plan(recipe: MergeRecipe, where: str) -> MergePlan:
         raise UserError("the output would replace one of the merge's inputs", where=f"{where}: output")
     if output.exists() and not recipe.overwrite:
         raise UserError(f"{recipe.output} already exists; remove it or set overwrite: true", where=f"{where}: output")
+    check_writable_dir(output, f"{where}: output")
 
     base = read_model_dir(recipe.base) if recipe.base else None
     experts = [read_model_dir(e.path) for e in recipe.experts]
@@ -71,6 +82,7 @@ def plan(recipe: MergeRecipe, where: str) -> MergePlan:
     if method.needs_base:
         check_task_vector_base(base, experts, where)
     seed_id = common_seed(([base] if base else []) + experts, where)
+    check_finite(([base] if method.needs_base else []) + experts)
     return MergePlan(recipe, method, parameters, expert_parameters, base, experts, seed_id)
 
 

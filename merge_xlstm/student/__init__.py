@@ -39,30 +39,16 @@ def teacher_family(teacher: PreTrainedModel) -> str:
 
 
 @STUDENT_KINDS.register("hybrid")
-def build_hybrid(
-    teacher: PreTrainedModel,
-    *,
-    mixer: str = "hybrid",
-    window_size: int = 512,
-    num_sink_tokens: int = 4,
-    feature_dim: int | None = None,
-    mlstm_rope: bool = False,
-) -> XLSTMHybridForCausalLM:
+def build_hybrid(teacher: PreTrainedModel, **options: Any) -> XLSTMHybridForCausalLM:
     """The paper-A student: the teacher's weights (copied) + new mixer parameters (initialised).
 
-    The student is built on the meta device and receives copies of the teacher's tensors, so an 8B
-    teacher is not randomly initialised a second time; only the new parameters are materialised.
+    `options` are :class:`XLSTMHybridConfig`'s mixer fields (mixer, window_size, num_sink_tokens,
+    feature_dim, ...); what is not given keeps the config's default. The student is built on the meta
+    device and receives copies of the teacher's tensors, so an 8B teacher is not randomly initialised
+    a second time; only the new parameters are materialised.
     """
     fields = {k: v for k, v in teacher.config.to_dict().items() if k not in _NOT_ARCHITECTURE}
-    config = XLSTMHybridConfig(
-        teacher_family=teacher_family(teacher),
-        mixer=mixer,
-        window_size=window_size,
-        num_sink_tokens=num_sink_tokens,
-        feature_dim=feature_dim,
-        mlstm_rope=mlstm_rope,
-        **fields,
-    )
+    config = XLSTMHybridConfig(teacher_family=teacher_family(teacher), **options, **fields)
     config.architectures = [XLSTMHybridForCausalLM.__name__]
     param = next(teacher.parameters())
     with torch.device("meta"):

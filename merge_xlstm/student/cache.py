@@ -181,13 +181,17 @@ class RecurrentGenerationMixin:
         return True
 
     @staticmethod
-    def create_masks_for_generate(attention_mask: Tensor | None = None, **unused: Any) -> Tensor | None:
-        """Keep the 2D padding mask: a student derives documents, window and sinks from it itself.
+    def create_masks_for_generate(
+        inputs_embeds: Tensor, attention_mask: Tensor | None = None, **unused: Any
+    ) -> Tensor | None:
+        """The 2D padding mask of the step's own tokens: a student needs no other (the cache knows the past).
 
-        generate() asks for this with a compileable (static) cache, to precompute the 4D masks of a
-        transformer; ``unused`` takes the inputs of that computation.
+        generate() asks for this with a compileable (static) cache, to precompute a transformer's 4D
+        masks, whose window rule and layout differ from ours; ``unused`` takes the inputs of that
+        computation. Keeping only the step's columns gives a decode step one fixed input shape, so
+        a compiled step (CUDA graphs included) is captured once instead of once per length.
         """
-        return attention_mask
+        return None if attention_mask is None else attention_mask[:, -inputs_embeds.shape[1] :]
 
     def lm_output(
         self,

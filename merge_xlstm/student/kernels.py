@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -63,10 +62,12 @@ class MLSTMBackend:
         v = torch.cat([v, ones], dim=-1)
         if return_state:  # prefill / decoding: any length, carrying (C, n, m); no gradients needed
             c, n, m = state if state is not None else (None, None, None)
+            # A compiled decode step takes the native (plain PyTorch) step, which the compiler fuses.
+            step = "native" if torch.compiler.is_compiling() else self.step
             h, last = wrap_chunkwise__arbitrary_sequence_length(
                 mlstm_chunkwise_kernel=get_mlstm_kernel(self.chunkwise),
                 mlstm_sequence_kernel=get_mlstm_sequence_kernel(self.sequence),
-                mlstm_step_kernel=get_mlstm_step_kernel(self.step),
+                mlstm_step_kernel=get_mlstm_step_kernel(step),
                 q=q, k=k, v=v, i=i, f=f, c_initial=c, n_initial=n, m_initial=m,
                 return_last_states=True, autocast_kernel_dtype=q.dtype, chunk_size=self.chunk_size,
             )
@@ -99,7 +100,10 @@ class TokenLayout:
 
     doc: (B, T) document index within the row (keys from a cache belong to document 0, the one the
     cache continues); pos: (B, T) position inside the document; valid: (B, T) False for padding.
-    Keys carry the same three fields (``k_*``), queries the first two (``q_*``).
+    Keys carry the same three fields (``k_*``), queries the first two (``q_*``). With a cache the keys
+    are the cached slots followed by the step's own tokens, so there are more keys than queries.
+
+    Masks are built at most once per forward pass (all layers share the layout); ``masks`` holds them.
     """
 
     q_doc: Tensor
@@ -110,56 +114,104 @@ class TokenLayout:
     k_valid: Tensor
     window: int
     sinks: int
+    masks: dict[str, Any] = field(default_factory=dict)
 
-    @cached_property
+    def allowed(self, q_doc: Tensor, q_pos: Tensor, k_doc: Tensor, k_pos: Tensor, k_valid: Tensor) -> Tensor:
+        """The rule, broadcasting: same document, not in the future, inside the window or a sink, not padding."""
+        return k_valid & (q_doc == k_doc) & (k_pos <= q_pos) & ((q_pos - k_pos < self.window) | (k_pos < self.sinks))
+
     def dense_mask(self) -> Tensor:
-        """(B, 1, Tq, Tk) bool: same document, causal, inside the window or a sink, not padding.
+        """(B, 1, Tq, Tk) bool. Quadratic in memory: for CPU, short steps (decoding) and tests only."""
+        if "dense" not in self.masks:
+            allowed = self.allowed(
+                self.q_doc[:, :, None], self.q_pos[:, :, None],
+                self.k_doc[:, None, :], self.k_pos[:, None, :], self.k_valid[:, None, :],
+            )
+            # A padding query sees no key; let it see the last key so softmax stays finite (its output is unused).
+            no_key = ~allowed.any(-1, keepdim=True)
+            last = torch.zeros_like(allowed)
+            last[..., -1] = True
+            self.masks["dense"] = (allowed | (no_key & last))[:, None]
+        return self.masks["dense"]
 
-        Cached on the layout, which all layers of one forward pass share.
-        """
-        q_doc, q_pos = self.q_doc[:, :, None], self.q_pos[:, :, None]
-        k_doc, k_pos = self.k_doc[:, None, :], self.k_pos[:, None, :]
-        allowed = (
-            self.k_valid[:, None, :]
-            & (q_doc == k_doc)
-            & (k_pos <= q_pos)
-            & ((q_pos - k_pos < self.window) | (k_pos < self.sinks))
-        )
-        # A padding query sees no key; let it see the last key so softmax stays finite (its output is unused).
-        no_key = ~allowed.any(-1, keepdim=True)
-        last = torch.zeros_like(allowed)
-        last[..., -1] = True
-        return (allowed | (no_key & last))[:, None]
-
-    @cached_property
     def block_mask(self) -> Any:
-        """FlexAttention block mask of the same rule (no cache: queries are the keys), built once per forward."""
-        from torch.nn.attention.flex_attention import create_block_mask
+        """FlexAttention block mask of the same rule, for any number of queries and keys.
 
-        doc = torch.where(self.k_valid, self.k_doc, -1)
-        pos, window, sinks = self.k_pos, self.window, self.sinks
+        Built by a compiled ``create_block_mask``, which evaluates the rule block by block, so no
+        (Tq, Tk) tensor is ever materialised: memory stays linear in the length.
+        """
+        if "block" not in self.masks:
+            q_doc, q_pos = self.q_doc, self.q_pos
+            k_doc, k_pos, k_valid = self.k_doc, self.k_pos, self.k_valid
 
-        def mask_mod(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
-            same = (doc[b, qi] == doc[b, ki]) | (qi == ki)  # padding queries see themselves only
-            near = (pos[b, qi] - pos[b, ki] < window) | (pos[b, ki] < sinks)
-            return same & (ki <= qi) & near
+            def mask_mod(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+                return self.allowed(q_doc[b, qi], q_pos[b, qi], k_doc[b, ki], k_pos[b, ki], k_valid[b, ki])
 
-        B, T = doc.shape
-        return create_block_mask(mask_mod, B, None, T, T, device=doc.device)
+            (B, Tq), Tk = q_doc.shape, k_doc.shape[1]
+            self.masks["block"] = _compiled_block_mask()(mask_mod, B, None, Tq, Tk, device=q_doc.device)
+        return self.masks["block"]
 
 
-def swa_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, scale: float) -> Tensor:
-    """Reference SWA: SDPA with the dense mask. q (B, H, Tq, D); k, v (B, Hkv, Tk, D)."""
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=layout.dense_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+def swa_sdpa(
+    q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, scale: float, return_lse: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Reference SWA: SDPA with the dense mask. q (B, H, Tq, D); k, v (B, Hkv, Tk, D).
+
+    With `return_lse` also the log-sum-exp of each query's allowed scores (B, H, Tq), -inf for a
+    query with none, computed explicitly (SDPA does not return it).
+    """
+    mask = layout.dense_mask()
+    if not return_lse:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    allowed = layout.allowed(
+        layout.q_doc[:, None, :, None], layout.q_pos[:, None, :, None],
+        layout.k_doc[:, None, None, :], layout.k_pos[:, None, None, :], layout.k_valid[:, None, None, :],
     )
+    scores = (q.float() @ k.float().transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0)[..., None])
+    return (weights @ v.float()).to(q.dtype), lse
 
 
-def swa_flex(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, scale: float) -> Tensor:
-    """FlexAttention with a sliding-window + sinks block mask (CUDA, no cache: Tq == Tk)."""
-    if q.shape[2] != k.shape[2]:  # decoding against cached keys: few queries, SDPA is the right tool
-        return swa_sdpa(q, k, v, layout, scale)
-    return _compiled_flex()(q, k, v, block_mask=layout.block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+# Below one block of queries (decoding, short steps), the dense mask is small and SDPA is the right tool.
+FLEX_MIN_QUERIES = 128
+
+
+def swa_flex(
+    q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, scale: float, return_lse: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
+    """FlexAttention with a sliding-window + sinks block mask (CUDA): O(T·W) time, O(T) memory.
+
+    A padding query whose row has no key gets 0 from flex (instead of SDPA's NaN); its output is unused.
+    """
+    if q.shape[2] < FLEX_MIN_QUERIES:
+        return swa_sdpa(q, k, v, layout, scale, return_lse)
+    out = _compiled_flex()(
+        q, k, v, block_mask=layout.block_mask(), scale=scale, enable_gqa=q.shape[1] != k.shape[1], **_lse_request(return_lse)
+    )
+    if not return_lse:
+        return out
+    return out[0], getattr(out[1], "lse", out[1])  # AuxOutput (torch >= 2.9) or the bare lse (older)
+
+
+def _lse_request(return_lse: bool) -> dict[str, Any]:
+    """flex_attention's way to ask for the log-sum-exp: ``return_aux`` where it exists, else ``return_lse``."""
+    if not return_lse:
+        return {}
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:
+        return {"return_lse": True}
+    return {"return_aux": AuxRequest(lse=True)}
+
+
+@functools.cache
+def _compiled_block_mask() -> Callable[..., Any]:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)
 
 
 @functools.cache

@@ -35,6 +35,8 @@ Design decisions the paper leaves open (each measured or tested, see tests/ and 
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +74,8 @@ from merge_xlstm.student.kernels import (
 # Gate pre-activation that makes a gate fully open (+) or shut (-) in float32 and bfloat16:
 # logsigmoid(-GATE) = -80 is a reset (e^-80 of the old state survives), exp(-GATE) ~ 1e-35 adds nothing.
 GATE = 80.0
+# A window longer than any sequence: the SWA rule with it is plain causal attention (the teacher's).
+FULL_WINDOW = 2**62
 MIXERS = ("hybrid", "mlstm", "swa")
 
 
@@ -93,9 +97,13 @@ class XLSTMHybridConfig(RecurrentLayerTypes, PreTrainedConfig):
     num_sink_tokens: int = 4
     feature_dim: int | None = None
     mlstm_rope: bool = False
+    memory_outside_window: bool = False
+    forget_bias: tuple[float, float] = (3.0, 6.0)
+    prefill_chunk_length: int = 16384
 
     def teacher_config(self) -> PreTrainedConfig:
-        own = {"teacher_family", "mixer", "window_size", "num_sink_tokens", "feature_dim", "mlstm_rope", "layer_types"}
+        own = {"teacher_family", "mixer", "window_size", "num_sink_tokens", "feature_dim", "mlstm_rope",
+               "memory_outside_window", "forget_bias", "prefill_chunk_length", "layer_types"}
         fields = {k: v for k, v in self.to_dict().items() if k not in own and k != "model_type"}
         return FAMILIES.get(self.teacher_family).config_class.from_dict(fields)
 
@@ -167,6 +175,19 @@ class XLSTMHybridStaticLayerCache(XLSTMHybridLayerCache, StaticRecurrentLayer):
 
 
 # ------------------------------------------------------------------------------------ the mixer
+@dataclass
+class MixerParts:
+    """One mixer call's intermediate results: what stage I's losses look at besides the output."""
+
+    q: Tensor  # (B, H, T, D) RoPE-rotated queries, keys and values as the SWA branch reads them
+    k: Tensor  # (B, Hkv, T, D)
+    v: Tensor  # (B, Hkv, T, D)
+    swa: Tensor | None  # (B, H, T, D) the SWA branch
+    swa_lse: Tensor | None  # (B, H, T) its log-sum-exp of scores (when asked for)
+    mlstm: Tensor | None  # (B, H, T, D) the mLSTM branch
+    o: Tensor | None  # (B, H, T, 1) the mixing gate
+
+
 class HybridMixer(nn.Module):
     """The teacher's attention projections plus the new mixer parameters of one layer."""
 
@@ -181,6 +202,8 @@ class HybridMixer(nn.Module):
         self.window = config.window_size
         self.sinks = config.num_sink_tokens
         self.mlstm_rope = config.mlstm_rope
+        self.memory_outside_window = config.memory_outside_window
+        self.forget_bias = tuple(config.forget_bias)
         hidden, H, Hkv, D = teacher_config.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
         qkv_bias = family.qkv_bias(teacher_config)
         self.q_proj = nn.Linear(hidden, H * D, bias=qkv_bias)
@@ -202,6 +225,7 @@ class HybridMixer(nn.Module):
         # None: chosen per call from the input's device (see kernels.default_backends)
         self.mlstm_backend: str | None = None
         self.swa_backend: str | None = None
+        self.gate_log: list[Tensor] | None = None  # set by XLSTMHybridForCausalLM.output_gates
 
     @torch.no_grad()
     def reset_new_parameters(self) -> None:
@@ -213,7 +237,7 @@ class HybridMixer(nn.Module):
             self.igate.weight.zero_()
             self.igate.bias.zero_()
             self.fgate.weight.zero_()
-            self.fgate.bias.copy_(torch.linspace(3.0, 6.0, self.num_heads))
+            self.fgate.bias.copy_(torch.linspace(*self.forget_bias, self.num_heads))
         if self.mixer == "hybrid":
             self.ogate.weight.zero_()
             self.ogate.bias.zero_()
@@ -236,6 +260,28 @@ class HybridMixer(nn.Module):
         With a `cache`, the step attends to the cached keys too, continues the cached mLSTM state,
         and leaves its own keys and state in the cache (`plan` says where).
         """
+        return self.output(self.parts(x, rope, layout, starts, cache, plan))
+
+    def output(self, parts: MixerParts) -> Tensor:
+        """h = o·mLSTM + (1 − o)·SWA (or the one branch a single-branch mixer has), through o_proj."""
+        if parts.o is None:
+            h = parts.swa if parts.mlstm is None else parts.mlstm
+        else:
+            h = torch.lerp(parts.swa, parts.mlstm, parts.o.to(parts.swa.dtype))
+        B, H, T, D = h.shape
+        return self.o_proj(h.transpose(1, 2).reshape(B, T, H * D))
+
+    def parts(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        layout: TokenLayout,
+        starts: Tensor,
+        cache: XLSTMHybridLayerCache | None = None,
+        plan: "CachePlan | None" = None,
+        swa_lse: bool = False,
+    ) -> MixerParts:
+        """Both branches and the gate; `swa_lse` also returns the SWA branch's log-sum-exp (stage I)."""
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -246,32 +292,39 @@ class HybridMixer(nn.Module):
         k = k.view(B, T, Hkv, D).transpose(1, 2)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
         q_rot, k_rot = apply_rotary_pos_emb(q, k, *rope)
-        default_mlstm, default_swa = default_backends(x.device)
-
         keys, values = k_rot, v
         if cache is not None:
             cache.prepare(k_rot, v, self.sinks, self.window)
             keys, values = cache.update(k_rot, v, plan)
+        swa = lse = mlstm = o = None
         if self.mixer in ("hybrid", "swa"):
-            swa = SWA_BACKENDS.get(self.swa_backend or default_swa)(q_rot, keys, values, layout, self.scaling)
+            swa = self.attention(q_rot, keys, values, layout, return_lse=swa_lse)
+            if swa_lse:
+                swa, lse = swa
         if self.mixer in ("hybrid", "mlstm"):
             mq, mk = (q_rot, k_rot) if self.mlstm_rope else (q, k)
             initial = cache.mlstm_state if cache is not None else None
             mlstm, last = self._mlstm(
-                x, mq, mk, v, layout.q_valid, starts, initial, cache is not None, self.mlstm_backend or default_mlstm
+                x, mq, mk, v, layout.q_valid, starts, initial, cache is not None,
+                self.mlstm_backend or default_backends(x.device)[0],
             )
             if cache is not None:
                 cache.update_mlstm_state(last)
-
-        if self.mixer == "swa":
-            h = swa
-        elif self.mixer == "mlstm":
-            h = mlstm
-        else:
+        if self.mixer == "hybrid":
             o = torch.sigmoid(self.ogate(torch.cat([q_flat, k_flat, v_flat], dim=-1)))  # (B, T, H)
+            if self.memory_outside_window:  # where the window still covers the document, SWA is exact
+                o = o * (layout.q_pos >= self.window + self.sinks)[..., None]
             o = o.transpose(1, 2).unsqueeze(-1)
-            h = o * mlstm + (1 - o) * swa
-        return self.o_proj(h.transpose(1, 2).reshape(B, T, H * D))
+            if self.gate_log is not None:
+                self.gate_log.append(o.detach())
+        return MixerParts(q_rot, k_rot, v, swa, lse, mlstm, o)
+
+    def attention(
+        self, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, return_lse: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Softmax attention under `layout`'s rule, on this mixer's SWA backend (the teacher's with a full window)."""
+        backend = SWA_BACKENDS.get(self.swa_backend or default_backends(q.device)[1])
+        return backend(q, k, v, layout, self.scaling, return_lse=return_lse)
 
     def _mlstm(
         self,
@@ -285,22 +338,30 @@ class HybridMixer(nn.Module):
         return_state: bool,
         backend: str,
     ) -> tuple[Tensor, MLSTMState | None]:
-        groups = self.num_heads // self.num_kv_heads
-        k = k.repeat_interleave(groups, dim=1)  # GQA: head h reads KV head h // groups, as attention does
-        v = v.repeat_interleave(groups, dim=1)
+        H, Hkv = self.num_heads, self.num_kv_heads
+        groups = H // Hkv
+        # GQA: head h reads KV head h // groups, as attention does; each query head has its own phi_k,
+        # applied to the shared key without copying it per head.
+        phi_k_w = self.phi_k.view(Hkv, groups, *self.phi_k.shape[1:])
         phi_q = torch.softmax(torch.einsum("bhtd,hdf->bhtf", q, self.phi_q), dim=-1)
-        phi_k = torch.softmax(torch.einsum("bhtd,hdf->bhtf", k, self.phi_k), dim=-1)
-        i = self.igate(x).transpose(1, 2)  # (B, H, T)
-        f = self.fgate(x).transpose(1, 2)
-        pad = ~valid[:, None, :]
-        # Padding: input shut, forget open -> state untouched. Document start: forget shut -> state reset.
-        # The kernels take one dtype for all inputs (autocast leaves softmax outputs in float32).
-        i = torch.where(pad, -GATE, i)
-        f = torch.where(pad, GATE, torch.where(starts[:, None, :], -GATE, f))
+        phi_k = torch.softmax(torch.einsum("bgtd,gjdf->bgjtf", k, phi_k_w), dim=-1).flatten(1, 2)
+        v = v.repeat_interleave(groups, dim=1)
+        i, f = gate_preactivations(self.igate(x), self.fgate(x), valid, starts)
         out, last = MLSTM_BACKENDS.get(backend)(
             phi_q.to(v.dtype), phi_k.to(v.dtype), v, i.to(v.dtype), f.to(v.dtype), initial, return_state=return_state
         )
         return out.to(v.dtype), last
+
+
+def gate_preactivations(i: Tensor, f: Tensor, valid: Tensor, starts: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, T, H) gate pre-activations -> (B, H, T), with padding and document starts applied.
+
+    Padding: input shut, forget open -> state untouched. Document start: forget shut -> state reset.
+    """
+    pad = ~valid[:, :, None]
+    i = torch.where(pad, -GATE, i)
+    f = torch.where(pad, GATE, torch.where(starts[:, :, None], -GATE, f))
+    return i.transpose(1, 2), f.transpose(1, 2)
 
 
 # --------------------------------------------------------------------------- bookkeeping of a batch
@@ -440,8 +501,12 @@ class XLSTMHybridModel(XLSTMHybridPreTrainedModel):
         for layer in self.layers:
             layer.self_attn.mlstm_backend, layer.self_attn.swa_backend = mlstm, swa
 
-    def mixer_outputs(self, mixer_inputs: list[Tensor], position_ids: Tensor) -> list[Tensor]:
-        """Every layer's mixer applied to the given per-layer inputs (the teacher's, in stage I).
+    def align_layers(
+        self, mixer_inputs: list[Tensor], position_ids: Tensor, *, reference: bool
+    ) -> Iterator[dict[str, Any]]:
+        """Every layer's mixer on the given per-layer inputs (the teacher's, in stage I): its output,
+        branches and gate; with `reference`, also the teacher's full attention per head and its mass
+        beyond the window (from the same, teacher-copied q/k/v). Yields one dict per layer.
 
         Layer-local alignment: each mixer learns from the teacher's own hidden states, so layers train
         in parallel from one teacher pass and errors of earlier student layers do not compound.
@@ -451,7 +516,17 @@ class XLSTMHybridModel(XLSTMHybridPreTrainedModel):
             None, position_ids, x.shape[:2], x.device, None, self.config.window_size, self.config.num_sink_tokens
         )
         rope = self.rotary_emb(x, rope_pos)
-        return [layer.self_attn(inp, rope, layout, starts, None, None) for layer, inp in zip(self.layers, mixer_inputs)]
+        full = dataclasses.replace(layout, window=FULL_WINDOW, sinks=0, masks={})
+        for layer, inp in zip(self.layers, mixer_inputs):
+            mixer = layer.self_attn
+            parts = mixer.parts(inp, rope, layout, starts, swa_lse=reference)
+            out = {"output": mixer.output(parts), "parts": parts, "valid": layout.q_valid}
+            if reference:
+                with torch.no_grad():
+                    attention, lse = mixer.attention(parts.q, parts.k, parts.v, full, return_lse=True)
+                    out["reference"] = attention.float()
+                    out["beyond"] = (1 - torch.exp(parts.swa_lse.detach().float() - lse.float())).clamp(0, 1)
+            yield out
 
     def forward(
         self,
@@ -463,17 +538,43 @@ class XLSTMHybridModel(XLSTMHybridPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
     ) -> tuple[Tensor, Cache | None, tuple[Tensor, ...] | None]:
-        """Final hidden states, the cache (given, or new when `use_cache`), and every layer's output if asked."""
+        """Final hidden states, the cache (given, or new when `use_cache`), and every layer's output if asked.
+
+        With a cache, a prompt longer than ``config.prefill_chunk_length`` runs in chunks through it: the
+        same result as one pass, with activation memory bounded by the chunk instead of the prompt.
+        """
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = hidden.shape[:2]
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)  # this student's cache layers, from config.layer_types
+        chunk = self.config.prefill_chunk_length if cache is not None else T
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, -T:]
+        outputs = [
+            self._forward_tokens(
+                hidden[:, start : start + chunk],
+                None if attention_mask is None else attention_mask[:, start : start + chunk],
+                None if position_ids is None else position_ids[:, start : start + chunk],
+                cache,
+                bool(output_hidden_states),
+            )
+            for start in range(0, T, chunk)
+        ]
+        layers = [torch.cat(parts, dim=1) for parts in zip(*outputs)]
+        return layers[-1], cache, tuple(layers) if output_hidden_states else None
+
+    def _forward_tokens(
+        self, hidden: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, cache: Cache | None,
+        output_hidden_states: bool,
+    ) -> list[Tensor]:
+        """One pass over `hidden`'s tokens: [embeddings, every layer's output..., final normed] or [final normed]."""
+        B, T = hidden.shape[:2]
         layout, starts, rope_pos, plan = token_layout(
             attention_mask, position_ids, (B, T), hidden.device, cache,
             self.config.window_size, self.config.num_sink_tokens,
         )
         rope = self.rotary_emb(hidden, rope_pos)
-        all_hidden = (hidden,) if output_hidden_states else None
+        all_hidden = [hidden] if output_hidden_states else []
         for idx, layer in enumerate(self.layers):
             layer_cache = cache.layers[idx] if cache is not None else None
             if self.gradient_checkpointing and self.training:
@@ -481,11 +582,9 @@ class XLSTMHybridModel(XLSTMHybridPreTrainedModel):
             else:
                 hidden = layer(hidden, rope, layout, starts, layer_cache, plan)
             if output_hidden_states:
-                all_hidden += (hidden,)
+                all_hidden.append(hidden)
         hidden = self.norm(hidden)
-        if output_hidden_states:
-            all_hidden = all_hidden[:-1] + (hidden,)
-        return hidden, cache, all_hidden
+        return all_hidden[:-1] + [hidden] if output_hidden_states else [hidden]
 
 
 class XLSTMHybridForCausalLM(RecurrentGenerationMixin, XLSTMHybridPreTrainedModel, GenerationMixin):
@@ -531,6 +630,21 @@ class XLSTMHybridForCausalLM(RecurrentGenerationMixin, XLSTMHybridPreTrainedMode
             output_hidden_states=output_hidden_states,
         )
         return self.lm_output(hidden, cache, all_hidden, labels, logits_to_keep, return_dict)
+
+    @torch.no_grad()
+    def output_gates(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor | None:
+        """Every layer's mixing gate o (1 = mLSTM, 0 = SWA) on a batch: (layers, B, heads, T), None without one."""
+        mixers = [layer.self_attn for layer in self.model.layers]
+        if mixers[0].mixer != "hybrid":
+            return None
+        for mixer in mixers:
+            mixer.gate_log = []
+        try:
+            self(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+            return torch.stack([mixer.gate_log[0][..., 0] for mixer in mixers])
+        finally:
+            for mixer in mixers:
+                mixer.gate_log = None
 
 
 AutoConfig.register(XLSTMHybridConfig.model_type, XLSTMHybridConfig)

@@ -95,7 +95,8 @@ def _model_files(path: str) -> tuple[Any, int | None]:
     from merge_xlstm.teacher import resolve_teacher
 
     directory = resolve_teacher(path)
-    return AutoTokenizer.from_pretrained(directory), context_length(AutoConfig.from_pretrained(directory))
+    return (AutoTokenizer.from_pretrained(directory, trust_remote_code=False),
+            context_length(AutoConfig.from_pretrained(directory, trust_remote_code=False)))
 
 
 def load(

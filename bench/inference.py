@@ -1,0 +1,391 @@
+"""Inference and training speed of the hybrid student against its teacher, the way a user serves them.
+
+Both models in bf16 on one GPU, random weights of a real shape (speed does not depend on values):
+Llama-3.2-1B (`1b`) and SmolLM2-135M (`smollm2`). Every figure is a student/teacher ratio from the
+same run. Parts (``--parts``):
+
+- ``prefill``: B=1, tokens/s and peak memory at each context. Both through the inference path
+  (``use_cache=True``, one logit row kept); the teacher with SDPA and its dynamic cache, the student
+  with FlexAttention (SWA + sinks block mask) and chunked prefill. ``--compile-prefill`` also times
+  ``torch.compile``d forwards (one compile per model, dynamic lengths).
+- ``decode``: per-token time and memory at batch sizes ``--batch`` after a prompt of each context,
+  one compiled step replayed through CUDA graphs (``torch.compile(mode="reduce-overhead")``) on a
+  static cache for both: transformers' own ``StaticCache`` (sized to the context, as generate()
+  sizes it) for the teacher, the student's constant-size one for the student. Where the compiled
+  teacher does not run (memory), its eager dynamic-cache step is timed instead, and said so.
+  Also the step's fraction of the HBM roofline: (weight bytes + state bytes read per step) over the
+  step time, against the copy bandwidth measured in the same run.
+- ``train``: optimizer steps per second of a stage-II step (student, sparse top-k KD loss on stored
+  targets) against a plain fine-tune of the teacher (CE) on the same batch, and each one's MFU.
+- ``equality``: greedy tokens of the compiled static-cache decode equal the eager dynamic-cache
+  decode's for ``--equality-steps`` steps (SmolLM2 shape, float32 and bfloat16).
+
+Writes one JSON (``--out``), updated after every measurement, so a killed run keeps what it measured
+and ``--resume`` skips it. Never run by CI (needs CUDA).
+Usage: python bench/inference.py --out bench/results/inference_h200.json [--shapes 1b smollm2] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, StaticCache
+
+import merge_xlstm  # noqa: F401  (registers the student)
+from merge_xlstm.linearize.losses import SparseKDLoss
+from merge_xlstm.recipe import Stage2Spec
+from merge_xlstm.student import from_teacher
+from merge_xlstm.student.cache import CACHE_FIELD, output_cache
+
+SHAPES = {
+    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                    rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
+    # a tiny shape, for a CPU smoke run of this script (--device cpu --shapes tiny)
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
+               rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+}
+PEAK_BF16_FLOPS = 989e12  # H200 SXM dense bf16, the vendor's figure (MFU's denominator)
+GiB = 2**30
+DEVICE = "cuda"
+COMPILE: dict[str, Any] = {"mode": "reduce-overhead"}  # CUDA graphs; --device cpu uses the eager backend
+EQUALITY_SHAPE = "smollm2"
+DTYPE = torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------- models
+def build(shape: str, dtype: torch.dtype | None = None, max_len: int = 262144) -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    dtype = dtype or DTYPE
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max_len)
+    config._attn_implementation = "sdpa"
+    teacher = AutoModelForCausalLM.from_config(config).to(DEVICE, dtype).eval()
+    student = from_teacher(teacher, mixer="hybrid", window_size=512, num_sink_tokens=4,
+                           memory_outside_window=True).to(dtype).eval()
+    with torch.no_grad():  # open gates: the memory branch's cost is paid either way, its output matters here
+        for layer in student.model.layers:
+            layer.self_attn.ogate.bias.fill_(1.0)
+    return teacher, student
+
+
+def param_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes a decode step reads from the cache: the student's state, or the teacher's K/V."""
+    total = 0
+    for layer in cache.layers:
+        tensors = getattr(layer, "state", None)
+        tensors = tensors.values() if tensors is not None else (layer.keys, layer.values)
+        total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return total
+
+
+def cuda_time(fn: Callable[[], Any], repeats: int) -> float:
+    """Mean seconds per call over `repeats` calls, by CUDA events (after the caller's warm-up)."""
+    if DEVICE == "cpu":
+        began = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - began) / repeats
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000 / repeats
+
+
+def peak_GiB() -> float:
+    return torch.cuda.max_memory_allocated() / GiB if DEVICE == "cuda" else None
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read and written (the roofline's ceiling)."""
+    src = torch.empty(4 * GiB if DEVICE == "cuda" else 2**26, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    seconds = cuda_time(lambda: dst.copy_(src), 10)
+    moved = 2 * dst.numel()
+    del src, dst
+    torch.cuda.empty_cache()
+    return moved / seconds
+
+
+def fresh_peak() -> None:
+    if DEVICE == "cpu":
+        return
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+# ---------------------------------------------------------------------------------------- prefill
+@torch.no_grad()
+def prefill(model: torch.nn.Module, context: int, forward: Callable[..., Any] | None = None) -> dict[str, float]:
+    """B=1 prompt of `context` tokens through the inference path: tokens/s and peak memory."""
+    forward = forward or model
+    ids = torch.randint(0, model.config.vocab_size, (1, context), device=DEVICE)
+    forward(input_ids=ids, use_cache=True, logits_to_keep=1)  # warm-up (kernels, compiles, block masks)
+    fresh_peak()
+    seconds = cuda_time(lambda: forward(input_ids=ids, use_cache=True, logits_to_keep=1), 2)
+    return {"tok_s": context / seconds, "peak_GiB": peak_GiB()}
+
+
+# ----------------------------------------------------------------------------------------- decode
+def static_cache(model: torch.nn.Module, batch: int, context: int, new_tokens: int) -> Any:
+    return StaticCache(config=model.config, max_cache_len=context + new_tokens + 16)
+
+
+@torch.no_grad()
+def fill(model: torch.nn.Module, cache: Any, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Prefill `ids` into `cache` in chunks (bounded activation memory); return the next greedy tokens."""
+    for start in range(0, ids.shape[1], chunk):
+        out = model(input_ids=ids[:, start : start + chunk], **{CACHE_FIELD: cache}, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1:].argmax(-1)
+
+
+@torch.no_grad()
+def decode(model: torch.nn.Module, batch: int, context: int, steps: int, compiled: bool) -> dict[str, Any]:
+    """Per-step time after a `context`-token prompt: compiled static-cache step, or eager dynamic cache."""
+    fresh_peak()
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), device=DEVICE)
+    cache = static_cache(model, batch, context, steps + 8) if compiled else DynamicCache(config=model.config)
+    nxt = fill(model, cache, ids, 4096)
+    step = torch.compile(model.forward, **COMPILE) if compiled else model.forward
+    tokens = [nxt]
+
+    def one() -> None:
+        out = step(input_ids=tokens[-1], **{CACHE_FIELD: cache}, use_cache=True)
+        tokens.append(out.logits[:, -1:].argmax(-1))
+
+    for _ in range(4):  # compile, record and replay the CUDA graph
+        one()
+    seconds = cuda_time(one, steps)
+    return {"ms_per_step": 1000 * seconds, "tok_s": batch / seconds, "peak_GiB": peak_GiB(),
+            "state_bytes": cache_bytes(cache), "path": "compiled static cache" if compiled else "eager dynamic cache"}
+
+
+# ------------------------------------------------------------------------------------------ train
+def train_speed(model: torch.nn.Module, student: bool, batch: int, seq_len: int, steps: int) -> dict[str, float]:
+    """Optimizer steps of a stage-II step (student: sparse KD on stored top-k) or a plain CE fine-tune (teacher)."""
+    model = model.float().train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    vocab, k = model.config.vocab_size, 256
+    ids = torch.randint(0, vocab, (batch, seq_len), device=DEVICE)
+    position_ids = torch.arange(seq_len, device=DEVICE).expand(batch, -1)
+    batch_ = {"input_ids": ids, "position_ids": position_ids, "labels": ids.clone(),
+              "topk_logprobs": torch.randn(batch, seq_len, k, device=DEVICE).log_softmax(-1),
+              "topk_indices": torch.randint(0, vocab, (batch, seq_len, k), device=DEVICE)}
+    loss_fn = SparseKDLoss(Stage2Spec(tokens=1), steps_per_epoch=1)
+
+    def one() -> None:
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            if student:
+                loss = loss_fn(model, batch_, step=0)[0]
+            else:
+                logits = model(input_ids=ids, position_ids=position_ids, use_cache=False).logits
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        one()
+    fresh_peak()
+    seconds = cuda_time(one, steps)
+    params = sum(p.numel() for p in model.parameters())
+    tok_s = batch * seq_len / seconds
+    result = {"tok_s": tok_s, "mfu": 6 * params * tok_s / PEAK_BF16_FLOPS, "peak_GiB": peak_GiB()}
+    del optimizer
+    model.to(DTYPE).eval()
+    return result
+
+
+# -------------------------------------------------------------------------------------- equality
+@torch.no_grad()
+def greedy_equality(steps: int, dtype: torch.dtype) -> dict[str, Any]:
+    """Compiled static-cache greedy decoding against eager dynamic-cache decoding, token by token."""
+    _, student = build(EQUALITY_SHAPE, dtype)
+    prompt = torch.randint(0, student.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        cache = static_cache(student, 2, 300, steps + 8) if compiled else DynamicCache(config=student.config)
+        step = torch.compile(student.forward, **COMPILE) if compiled else student.forward
+        nxt = fill(student, cache, prompt, 4096)
+        tokens = [nxt]
+        for _ in range(steps - 1):
+            tokens.append(step(input_ids=tokens[-1], **{CACHE_FIELD: cache}, use_cache=True).logits[:, -1:].argmax(-1))
+        runs[compiled] = torch.cat(tokens, 1)
+    same = (runs[True] == runs[False]).all(0)
+    first_diff = int((~same).nonzero()[0]) if not same.all() else None
+    return {"steps": steps, "equal": bool(same.all()), "first_difference_at": first_diff}
+
+
+# ------------------------------------------------------------------------------------------- main
+class Results:
+    """The JSON file, rewritten atomically after every measurement; `--resume` skips what it holds."""
+
+    def __init__(self, path: Path, resume: bool) -> None:
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if resume and path.is_file() else {}
+
+    def has(self, *keys: str) -> bool:
+        node = self.data
+        for key in keys:
+            if not isinstance(node, dict) or key not in node:
+                return False
+            node = node[key]
+        return True
+
+    def put(self, value: Any, *keys: str) -> None:
+        node = self.data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, allow_nan=False, default=str))
+        tmp.replace(self.path)
+        print(json.dumps({"/".join(keys): value}, default=str), flush=True)
+
+
+def measured(results: Results, keys: tuple[str, ...], fn: Callable[[], Any]) -> Any:
+    """Run `fn` unless `keys` were measured; record its result or the error (out of memory included)."""
+    if results.has(*keys):
+        node = results.data
+        for key in keys:
+            node = node[key]
+        return node
+    began = time.perf_counter()
+    try:
+        value = fn()
+    except Exception as error:  # an OOM or a failed compile is a result too, recorded and not fatal
+        value = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+        if not isinstance(error, torch.OutOfMemoryError):
+            traceback.print_exc()
+    if isinstance(value, dict):
+        value["seconds"] = round(time.perf_counter() - began, 1)
+    results.put(value, *keys)
+    if "CUDA error" in str(value.get("error", "")):
+        # the context is unusable after e.g. an illegal memory access: stop; a --resume run continues after it
+        raise SystemExit(f"{'/'.join(keys)}: {value['error']}")
+    torch.cuda.empty_cache()
+    return value
+
+
+def ratios(results: Results) -> None:
+    """student/teacher ratios of every measured pair, under each shape's "ratios"."""
+    for shape, data in results.data.items():
+        if shape not in SHAPES:
+            continue
+        out: dict[str, Any] = {}
+        for part in ("prefill", "prefill_compiled", "decode", "train"):
+            for point, pair in data.get(part, {}).items():
+                s, t = pair.get("student", {}), pair.get("teacher", {})
+                if "tok_s" in s and "tok_s" in t:
+                    memory = s["peak_GiB"] / t["peak_GiB"] if s.get("peak_GiB") and t.get("peak_GiB") else None
+                    out.setdefault(part, {})[point] = {"speed": s["tok_s"] / t["tok_s"], "memory": memory}
+        results.put(out, shape, "ratios")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--resume", action="store_true", help="keep and skip what --out already holds")
+    parser.add_argument("--shapes", nargs="+", default=["1b", "smollm2"], choices=sorted(SHAPES))
+    parser.add_argument("--parts", nargs="+", default=["prefill", "decode", "train", "equality"],
+                        choices=["prefill", "decode", "train", "equality"])
+    parser.add_argument("--prefill-contexts", nargs="+", type=int, default=[4096, 16384, 32768, 65536, 131072])
+    parser.add_argument("--decode-contexts", nargs="+", type=int, default=[4096, 16384, 32768, 65536])
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--decode-steps", type=int, default=64)
+    parser.add_argument("--compile-prefill", action="store_true")
+    parser.add_argument("--train-batch", type=int, default=8)
+    parser.add_argument("--train-seq-len", type=int, default=2048)
+    parser.add_argument("--equality-steps", type=int, default=200)
+    parser.add_argument("--equality-dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke run of this script (eager compile backend)")
+    parser.add_argument("--dtype", default="bfloat16", help="the models' dtype (a CPU smoke run needs float32)")
+    args = parser.parse_args()
+    global DEVICE, EQUALITY_SHAPE, DTYPE
+    DEVICE, DTYPE = args.device, getattr(torch, args.dtype)
+    if DEVICE == "cpu":
+        COMPILE.clear()
+        COMPILE["backend"] = "eager"
+        EQUALITY_SHAPE = "tiny"
+    results = Results(args.out, args.resume)
+    env = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
+           "transformers": __import__("transformers").__version__}
+    results.put(env, "environment")
+    if not results.has("copy_bandwidth_GBs"):
+        results.put(copy_bandwidth() / 1e9, "copy_bandwidth_GBs")
+    bandwidth = results.data["copy_bandwidth_GBs"] * 1e9
+
+    if "equality" in args.parts:
+        for name in args.equality_dtypes:
+            measured(results, ("equality", name), lambda: greedy_equality(args.equality_steps, getattr(torch, name)))
+    for shape in args.shapes:
+        teacher, student = build(shape)
+        models = {"teacher": teacher, "student": student}
+        results.put({n: param_bytes(m) for n, m in models.items()}, shape, "param_bytes")
+        if "prefill" in args.parts:
+            for context in args.prefill_contexts:
+                for name, model in models.items():
+                    measured(results, (shape, "prefill", str(context), name), lambda: prefill(model, context))
+            if args.compile_prefill:
+                for name, model in models.items():
+                    forward = torch.compile(model.forward, dynamic=True)
+                    for context in args.prefill_contexts:
+                        measured(results, (shape, "prefill_compiled", str(context), name),
+                                 lambda: prefill(model, context, forward))
+        if "decode" in args.parts:
+            for batch in args.batch:
+                for context in args.decode_contexts:
+                    point = f"B{batch}_{context}"
+                    for name, model in models.items():
+                        keys = (shape, "decode", point, name)
+                        value = measured(results, keys, lambda: decode(model, batch, context, args.decode_steps, True))
+                        if name == "teacher" and "error" in value:  # the compiled static path did not run here
+                            results.data[shape]["decode"][point].pop(name)
+                            value = measured(results, keys, lambda: decode(model, batch, context, args.decode_steps, False))
+                        if "ms_per_step" in value:
+                            read = param_bytes(model) + value["state_bytes"]
+                            value["roofline_fraction"] = read / (value["ms_per_step"] / 1000) / bandwidth
+                            value["roofline_ms"] = 1000 * read / bandwidth
+                            results.put(value, *keys)
+                    torch._dynamo.reset()
+        if "train" in args.parts:
+            for name, model in models.items():
+                measured(results, (shape, "train", f"B{args.train_batch}_{args.train_seq_len}", name),
+                         lambda: train_speed(model, name == "student", args.train_batch, args.train_seq_len, 5))
+        ratios(results)
+        del teacher, student, models
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""FlexAttention's SWA + sinks block mask agrees with the dense reference, with and without cached keys.
+
+Runs on CPU through torch.compile's CPU backend (tens of seconds, once); on CUDA it is the default SWA
+backend, where the block mask keeps prefill memory linear in the length.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.attention.flex_attention import flex_attention
+
+from merge_xlstm.student.kernels import TokenLayout, swa_sdpa
+
+
+def test_flex_block_mask_equals_the_dense_mask_with_a_cached_prefix() -> None:
+    B, H, Hkv, D, W, S, cached, T = 2, 4, 2, 16, 40, 3, 43, 260
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, T, D, generator=g)
+    k, v = (torch.randn(B, Hkv, cached + T, D, generator=g) for _ in range(2))
+    # Row 0 continues a cached document (positions 100..), row 1 starts a new document after 90 new tokens
+    # and has 5 padding tokens in front; its cached slots are invalid (-1) but for the sinks.
+    q_pos = torch.stack([torch.arange(100, 100 + T), torch.cat([torch.full((5,), -1), torch.arange(50, 135),
+                                                                torch.arange(T - 90)])])
+    q_doc = torch.stack([torch.zeros(T, dtype=torch.long), (torch.arange(T) >= 90).long()])
+    q_valid = q_pos >= 0
+    slots = torch.cat([torch.arange(S), torch.arange(60, 60 + W)])  # sinks, then a window ending before pos 100
+    k_pos = torch.cat([torch.stack([slots, torch.where(slots < S, slots, -1)]), q_pos], dim=1)
+    k_doc = torch.cat([torch.zeros(B, cached, dtype=torch.long), q_doc], dim=1)
+    layout = TokenLayout(q_doc, q_pos, q_valid, k_doc, k_pos, k_pos >= 0, window=W, sinks=S)
+    assert layout.dense_mask()[:, 0, :, :cached].any() and not layout.dense_mask()[1, 0, 95:, S:cached].any()
+    want = swa_sdpa(q, k, v, layout, 0.25)
+    got = torch.compile(flex_attention)(q, k, v, block_mask=layout.block_mask(), scale=0.25, enable_gqa=True)
+    valid = q_valid[:, None, :].expand(B, H, T)
+    torch.testing.assert_close(got[valid], want[valid], rtol=1e-5, atol=1e-5)
