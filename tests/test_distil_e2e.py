@@ -48,6 +48,8 @@ def test_distil_xlstm_linearize_merge_compare(tmp_path: Path, capsys: pytest.Cap
                        "log_every": 1, "distil": {"epochs": 2}},
             "seed": str(tmp_path / "experts" / "seed"),
             "output": str(tmp_path / "experts" / name),
+            # the sLSTM runs token by token on CPU: a small long-context report
+            "longctx": {"ce": {"documents": 1, "max_tokens": 256}, "passkey_lengths": [256], "passkey_trials": 1},
         }
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
         experts.append(linearize(load_linearize_recipe(tmp_path / f"{name}.yaml"), device="cpu"))
@@ -55,6 +57,7 @@ def test_distil_xlstm_linearize_merge_compare(tmp_path: Path, capsys: pytest.Cap
     assert all(read_metadata(e)["seed_id"] == seed_id for e in experts)
     rows = [json.loads(r) for r in (experts[0] / "metrics.jsonl").read_text().splitlines()]
     assert {"alpha", "temperature", "frobenius"} <= set(rows[-1])  # the Delta schedule was logged
+    assert set(read_metadata(experts[0])["long_context"]["ce_by_position"]) >= {"expert", "teacher"}
 
     merge_recipe = {
         "method": "linear",
