@@ -112,9 +112,6 @@ def markdown(models: dict[str, dict[str, Any]], args: argparse.Namespace, docume
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
-    # On CUDA the students' FlexAttention compiles once per shape (each pass-key length, the CE chunk):
-    # more than dynamo's default 8 would fall back to eager flex, which materialises every score.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     output = Path(args.output)
     teacher, tokenizer = load_teacher(args.teacher, dtype=longctx.eval_dtype(device), device=device)
     length = min(args.max_tokens, teacher.config.max_position_embeddings)

@@ -177,9 +177,11 @@ def test_memory_mixes_in_only_beyond_window_and_sinks(teacher):
     got, want = hybrid(x).logits, swa(x).logits
     assert torch.equal(got[:, : window + sinks], want[:, : window + sinks])
     assert (got[:, window + sinks :] - want[:, window + sinks :]).abs().amax(-1).min() > 1e-4
-    gates = hybrid.output_gates(x)
-    assert gates.shape == (len(hybrid.model.layers), 2, teacher.config.num_attention_heads, 20)
-    assert (gates[..., : window + sinks] == 0).all() and (gates[..., window + sinks :] > 0.9).all()
+    with hybrid.record_gates() as gates:
+        hybrid(x)
+    assert len(gates) == len(hybrid.model.layers) and all(len(calls) == 1 for calls in gates)
+    heads = teacher.config.num_attention_heads
+    assert all(calls[0].shape == (2 * (20 - window - sinks), heads) and (calls[0] > 0.9).all() for calls in gates)
 
 
 @torch.no_grad()

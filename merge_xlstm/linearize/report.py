@@ -50,28 +50,23 @@ def _exp(x: float) -> float:
 
 @contextlib.contextmanager
 def output_gates(model: nn.Module) -> Iterator[list[list[Tensor]] | None]:
-    """While the block runs, collect every hybrid layer's mixing gate o (1 = mLSTM, 0 = SWA).
+    """While the block runs, collect every layer's mixing gate o (1 = mLSTM, 0 = SWA) where it decides.
 
-    Yields one list per layer of the float32 CPU tensors ``o = sigmoid(ogate([q, k, v]))`` of each forward
-    call, or None for a model without output gates.
+    The student records them itself (``record_gates``: positions beyond its window and sinks); yields
+    one list per layer of the tensors of each forward call, or None for a model without gates.
     """
-    modules = [m for name, m in model.named_modules() if name.endswith("self_attn.ogate")]
-    if not modules:
+    record = getattr(model, "record_gates", None)
+    if record is None:
         yield None
         return
-    gates: list[list[Tensor]] = [[] for _ in modules]
-    handles = [module.register_forward_hook(lambda m, i, o, layer=layer: layer.append(torch.sigmoid(o.float()).cpu()))
-               for module, layer in zip(modules, gates)]  # fmt: skip
-    try:
+    with record() as gates:
         yield gates
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.no_grad()
 def output_gate_medians(student: nn.Module, item: dict[str, Tensor], device: torch.device) -> list[float] | None:
-    """Per-layer median of the mixing gate o (1 = mLSTM, 0 = SWA) on one validation row (paper A's analysis)."""
+    """Per-layer median of the mixing gate o (1 = mLSTM, 0 = SWA) on one validation row (paper A's analysis),
+    over the positions beyond the window and sinks, where the gate decides anything."""
     with output_gates(student) as gates:
         if gates is None:
             return None
@@ -80,9 +75,10 @@ def output_gate_medians(student: nn.Module, item: dict[str, Tensor], device: tor
     return gate_medians(gates)
 
 
-def gate_medians(gates: list[list[Tensor]]) -> list[float]:
-    """Per-layer median of recorded gates, over every call, token and head together."""
-    return [torch.cat([g.flatten() for g in layer]).median().item() for layer in gates]
+def gate_medians(gates: list[list[Tensor]]) -> list[float] | None:
+    """Per-layer median of recorded gates, over every call, token and head together (None if none was recorded)."""
+    values = [torch.cat([g.flatten() for g in layer]) for layer in gates]
+    return [v.median().item() for v in values] if all(v.numel() for v in values) else None
 
 
 @torch.no_grad()

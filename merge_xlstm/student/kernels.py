@@ -214,10 +214,17 @@ def _compiled_block_mask() -> Callable[..., Any]:
     return torch.compile(create_block_mask)
 
 
+# flex_attention is compiled once per input shape (batch, queries, keys): a server sees a few shapes,
+# an evaluation (several prompt lengths and batch sizes, chunked prefills) dozens. Past dynamo's default
+# of 8, a compiled function falls back to eager, which for flex means materialising every score.
+FLEX_SHAPES = 64
+
+
 @functools.cache
 def _compiled_flex() -> Callable[..., Tensor]:
     from torch.nn.attention.flex_attention import flex_attention
 
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_SHAPES)
     return torch.compile(flex_attention, dynamic=False)
 
 

@@ -35,6 +35,7 @@ Design decisions the paper leaves open (each measured or tested, see tests/ and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -225,7 +226,7 @@ class HybridMixer(nn.Module):
         # None: chosen per call from the input's device (see kernels.default_backends)
         self.mlstm_backend: str | None = None
         self.swa_backend: str | None = None
-        self.gate_log: list[Tensor] | None = None  # set by XLSTMHybridForCausalLM.output_gates
+        self.gate_log: list[Tensor] | None = None  # set by XLSTMHybridForCausalLM.record_gates
 
     @torch.no_grad()
     def reset_new_parameters(self) -> None:
@@ -314,9 +315,10 @@ class HybridMixer(nn.Module):
             o = torch.sigmoid(self.ogate(torch.cat([q_flat, k_flat, v_flat], dim=-1)))  # (B, T, H)
             if self.memory_outside_window:  # where the window still covers the document, SWA is exact
                 o = o * (layout.q_pos >= self.window + self.sinks)[..., None]
+            if self.gate_log is not None:  # where the memory may act: the window and sinks no longer cover it
+                free = layout.q_valid & (layout.q_pos >= self.window + self.sinks)
+                self.gate_log.append(o.detach()[free].float().cpu())
             o = o.transpose(1, 2).unsqueeze(-1)
-            if self.gate_log is not None:
-                self.gate_log.append(o.detach())
         return MixerParts(q_rot, k_rot, v, swa, lse, mlstm, o)
 
     def attention(
@@ -631,17 +633,23 @@ class XLSTMHybridForCausalLM(RecurrentGenerationMixin, XLSTMHybridPreTrainedMode
         )
         return self.lm_output(hidden, cache, all_hidden, labels, logits_to_keep, return_dict)
 
-    @torch.no_grad()
-    def output_gates(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor | None:
-        """Every layer's mixing gate o (1 = mLSTM, 0 = SWA) on a batch: (layers, B, heads, T), None without one."""
+    @contextlib.contextmanager
+    def record_gates(self) -> Iterator[list[list[Tensor]] | None]:
+        """While the block runs, record every layer's mixing gate o (1 = mLSTM, 0 = SWA).
+
+        Only where the memory may act, positions the window and sinks no longer cover (the gates of
+        the rest are closed by ``memory_outside_window`` or, without it, do not decide anything the
+        teacher's attention would not): per layer, one float32 CPU tensor (positions x heads) per
+        forward call. Yields None for a student without a gate (mixer ``swa`` or ``mlstm``).
+        """
         mixers = [layer.self_attn for layer in self.model.layers]
         if mixers[0].mixer != "hybrid":
-            return None
+            yield None
+            return
         for mixer in mixers:
             mixer.gate_log = []
         try:
-            self(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-            return torch.stack([mixer.gate_log[0][..., 0] for mixer in mixers])
+            yield [mixer.gate_log for mixer in mixers]
         finally:
             for mixer in mixers:
                 mixer.gate_log = None
