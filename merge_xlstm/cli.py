@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens-scale", type=float, default=None, metavar="F",
                    help="multiply stage1.tokens and stage2.tokens by F (e.g. 0.001 for a CPU smoke run)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--seed-only", action="store_true",
+                   help="build (or reuse) the shared stage-I seed and stop, e.g. before experts run in parallel")
 
     p = sub.add_parser(
         "merge",

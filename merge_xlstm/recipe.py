@@ -148,6 +148,13 @@ class Stage2Spec(OptimSpec):
     ce_weight: float = Field(0.9, ge=0)
     kl_weight: float = Field(0.1, ge=0)
     temperature: float = Field(1.0, gt=0)
+    targets: Literal["stored", "online"] = Field(
+        "stored", description="stored: the teacher's top-k computed once and kept on disk, no teacher in stage II; "
+        "online: the teacher stays loaded and computes them for each batch (no disk; see linearize/targets.py)."
+    )
+    targets_dtype: Literal["float16", "bfloat16"] = Field(
+        "float16", description="Dtype of stored top-k log-probabilities (indices are uint16 when the vocabulary fits)."
+    )
     lora: LoraSpec | None = None
     distil: DistilSchedule | None = None
 

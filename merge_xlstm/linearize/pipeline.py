@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,11 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from merge_xlstm.errors import UserError
 from merge_xlstm.io import atomic_dir
-from merge_xlstm.linearize.data import build_packed_dataset
+from merge_xlstm.linearize.data import PackedData, build_packed_dataset
 from merge_xlstm.linearize.report import model_card, output_gate_medians, plot_losses, validation_metrics
 from merge_xlstm.linearize.stage1 import run_stage1
 from merge_xlstm.linearize.stage2 import run_stage2, steps_per_epoch, total_steps
-from merge_xlstm.linearize.targets import WithTargets, compute_targets
+from merge_xlstm.linearize.targets import TARGET_MODES, WithTargets, compute_targets
 from merge_xlstm.linearize.training import MetricsLog, make_accelerator, num_steps
 from merge_xlstm.provenance import read_metadata, weights_digest, write_metadata
 from merge_xlstm.recipe import LinearizeRecipe, load_linearize_recipe
@@ -50,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
         for spec in (recipe.stage1, recipe.stage2):
             if spec is not None:
                 spec.tokens = max(1, math.ceil(spec.tokens * args.tokens_scale))
-    linearize(recipe, device=args.device)
+    (build_seed if args.seed_only else linearize)(recipe, device=args.device)
     return 0
 
 
@@ -70,38 +71,32 @@ def linearize(recipe: LinearizeRecipe, *, device: str | None = None) -> Path:
         raise UserError("exists and was not made by this recipe; delete it or choose another output", where=str(output))
 
     accelerator = make_accelerator(device, recipe.precision)
-    teacher_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-    teacher, tokenizer = load_teacher(recipe.teacher, dtype=teacher_dtype, device=accelerator.device)
+    teacher, tokenizer = _load_teacher(recipe, accelerator)
     seq_len = recipe.data.seq_len
-    rows1 = num_steps(recipe.stage1, seq_len) * recipe.stage1.batch_size if recipe.stage1 else 0
-    rows2 = steps_per_epoch(recipe) * recipe.stage2.batch_size
-    data = build_packed_dataset(
-        recipe.data, tokenizer, num_tokens=max(rows1, rows2) * seq_len, seed=recipe.random_seed,
-        cache_dir=cache_dir() / "data",
-    )
+    data = recipe_data(recipe, tokenizer)
     seed_dir = ensure_seed(recipe, teacher, tokenizer, data.train, accelerator)
     seed_meta = read_metadata(seed_dir)
 
-    targets_dir = cache_dir() / "targets" / fingerprint(
-        {"teacher": recipe.teacher, "data": data.fingerprint, "k": recipe.stage2.top_k}
-    )
-    for split, rows, n in (("train", data.train, rows2), ("validation", data.validation, len(data.validation))):
-        if recipe.student.kind == "hybrid" or split == "validation":
-            compute_targets(teacher, rows, rows=n, top_k=recipe.stage2.top_k, directory=targets_dir, split=split,
-                            accelerator=accelerator)
-    live_teacher = teacher if recipe.student.kind == "distil_xlstm" else None
+    targets = targets_dir(recipe, data)
+    compute_targets(teacher, data.validation, rows=len(data.validation), top_k=recipe.stage2.top_k,
+                    directory=targets, split="validation", accelerator=accelerator, dtype=recipe.stage2.targets_dtype)
+    if recipe.student.kind == "hybrid":  # stored or online top-k targets; Distil-xLSTM's loss needs the teacher
+        train_rows, live_teacher = TARGET_MODES.get(recipe.stage2.targets)(
+            teacher, data.train, count=steps_per_epoch(recipe) * recipe.stage2.batch_size, spec=recipe.stage2,
+            directory=targets, accelerator=accelerator)
+    else:
+        train_rows, live_teacher = data.train, teacher
     if live_teacher is None:
-        del teacher  # stage II of the hybrid student reads stored targets only
+        del teacher  # stage II from stored targets needs no teacher
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    train_rows = WithTargets(data.train, targets_dir, "train") if recipe.student.kind == "hybrid" else data.train
 
     work = output.with_name(output.name + ".partial")
     student = AutoModelForCausalLM.from_pretrained(seed_dir, dtype=torch.float32).to(accelerator.device)
     student = run_stage2(recipe, student=student, teacher=live_teacher, dataset=train_rows,
                          accelerator=accelerator, work_dir=work)
     if accelerator.is_main_process:
-        validation = WithTargets(data.validation, targets_dir, "validation")
+        validation = WithTargets(data.validation, targets, "validation")
         metrics = validation_metrics(student, validation, accelerator.device, recipe.stage2.top_k)
         gates = output_gate_medians(student, validation[0], accelerator.device)
         provenance = {
@@ -123,6 +118,38 @@ def linearize(recipe: LinearizeRecipe, *, device: str | None = None) -> Path:
     return output
 
 
+def build_seed(recipe: LinearizeRecipe, *, device: str | None = None) -> Path:
+    """Only the shared seed (stage I, or reuse it): what `run` builds once before experts run in parallel."""
+    if (seed_dir := _existing_seed(recipe)) is not None:
+        return seed_dir
+    accelerator = make_accelerator(device, recipe.precision)
+    teacher, tokenizer = _load_teacher(recipe, accelerator)
+    return ensure_seed(recipe, teacher, tokenizer, recipe_data(recipe, tokenizer).train, accelerator)
+
+
+def _load_teacher(recipe: LinearizeRecipe, accelerator: Accelerator) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+    return load_teacher(recipe.teacher, dtype=dtype, device=accelerator.device)
+
+
+def recipe_data(recipe: LinearizeRecipe, tokenizer: PreTrainedTokenizerBase) -> PackedData:
+    """The recipe's packed rows: enough for the longer stage; validation rows held out (cached)."""
+    seq_len = recipe.data.seq_len
+    rows1 = num_steps(recipe.stage1, seq_len) * recipe.stage1.batch_size if recipe.stage1 else 0
+    rows2 = steps_per_epoch(recipe) * recipe.stage2.batch_size
+    return build_packed_dataset(
+        recipe.data, tokenizer, num_tokens=max(rows1, rows2) * seq_len, seed=recipe.random_seed,
+        cache_dir=cache_dir() / "data",
+    )
+
+
+def targets_dir(recipe: LinearizeRecipe, data: PackedData) -> Path:
+    """Where the teacher's top-k targets of `data` live (keyed by teacher, data, k and storage dtype)."""
+    key = {"teacher": recipe.teacher, "data": data.fingerprint, "k": recipe.stage2.top_k,
+           "dtype": recipe.stage2.targets_dtype}
+    return cache_dir() / "targets" / fingerprint(key)
+
+
 def seed_key(recipe: LinearizeRecipe) -> str:
     """What makes two recipes' seeds interchangeable: the teacher and the student options."""
     return fingerprint({"teacher": recipe.teacher, "student": recipe.student.model_dump()})
@@ -136,17 +163,9 @@ def ensure_seed(
     accelerator: Accelerator,
 ) -> Path:
     """Return the shared seed directory, running stage I (or the fresh init) only if it is missing."""
+    if (existing := _existing_seed(recipe, say=accelerator.print)) is not None:
+        return existing
     seed_dir, key = Path(recipe.seed), seed_key(recipe)
-    meta = read_metadata(seed_dir)
-    if meta.get("kind") == "seed":
-        if meta.get("seed_key") != key:
-            raise UserError("holds a seed for another teacher or student config; delete it or choose another seed",
-                            where=str(seed_dir))
-        accelerator.print(f"{seed_dir}: reusing the shared seed (stage I: {meta['tokens']['stage1']} tokens)")
-        return seed_dir
-    if seed_dir.exists():
-        raise UserError("exists but is not a merge-xlstm seed", where=str(seed_dir))
-
     torch.manual_seed(recipe.random_seed)
     options = recipe.student.model_dump()
     student = from_teacher(teacher, **options).to(torch.float32)
@@ -168,6 +187,21 @@ def ensure_seed(
         shutil.rmtree(work, ignore_errors=True)
     accelerator.wait_for_everyone()
     return seed_dir
+
+
+def _existing_seed(recipe: LinearizeRecipe, say: Callable[[str], None] = print) -> Path | None:
+    """The recipe's seed directory if it holds this teacher's and student's seed; None if not built yet."""
+    seed_dir = Path(recipe.seed)
+    meta = read_metadata(seed_dir)
+    if meta.get("kind") == "seed":
+        if meta.get("seed_key") != seed_key(recipe):
+            raise UserError("holds a seed for another teacher or student config; delete it or choose another seed",
+                            where=str(seed_dir))
+        say(f"{seed_dir}: reusing the shared seed (stage I: {meta['tokens']['stage1']} tokens)")
+        return seed_dir
+    if seed_dir.exists():
+        raise UserError("exists but is not a merge-xlstm seed", where=str(seed_dir))
+    return None
 
 
 def _write_model_dir(
