@@ -71,7 +71,7 @@ def linearize(recipe: LinearizeRecipe, *, device: str | None = None) -> Path:
         raise UserError("exists and was not made by this recipe; delete it or choose another output", where=str(output))
 
     accelerator = make_accelerator(device, recipe.precision)
-    teacher, tokenizer = _load_teacher(recipe, accelerator)
+    teacher, tokenizer = recipe_teacher(recipe, accelerator)
     seq_len = recipe.data.seq_len
     data = recipe_data(recipe, tokenizer)
     seed_dir = ensure_seed(recipe, teacher, tokenizer, data.train, accelerator)
@@ -123,11 +123,12 @@ def build_seed(recipe: LinearizeRecipe, *, device: str | None = None) -> Path:
     if (seed_dir := _existing_seed(recipe)) is not None:
         return seed_dir
     accelerator = make_accelerator(device, recipe.precision)
-    teacher, tokenizer = _load_teacher(recipe, accelerator)
+    teacher, tokenizer = recipe_teacher(recipe, accelerator)
     return ensure_seed(recipe, teacher, tokenizer, recipe_data(recipe, tokenizer).train, accelerator)
 
 
-def _load_teacher(recipe: LinearizeRecipe, accelerator: Accelerator) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def recipe_teacher(recipe: LinearizeRecipe, accelerator: Accelerator) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The recipe's teacher on the accelerator's device: bf16 where training autocasts to bf16, else fp32."""
     dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
     return load_teacher(recipe.teacher, dtype=dtype, device=accelerator.device)
 
