@@ -31,6 +31,7 @@ from merge_xlstm.errors import UserError
 from merge_xlstm.io import atomic_dir
 from merge_xlstm.linearize.data import PackedData, build_packed_dataset
 from merge_xlstm.linearize.report import model_card, output_gate_medians, plot_losses, validation_metrics
+from merge_xlstm.linearize.sharding import gathered
 from merge_xlstm.linearize.stage1 import run_stage1
 from merge_xlstm.linearize.stage2 import run_stage2, steps_per_epoch, total_steps
 from merge_xlstm.linearize.targets import TARGET_MODES, WithTargets, compute_targets
@@ -174,6 +175,7 @@ def ensure_seed(
     stage1_tokens = 0
     if recipe.stage1 is not None:
         run_stage1(recipe, teacher=teacher, student=student, dataset=dataset, accelerator=accelerator, work_dir=work)
+        student = gathered(student)  # FSDP: full weights, one plain model per rank
         stage1_tokens = num_steps(recipe.stage1, recipe.data.seq_len) * recipe.stage1.batch_size * recipe.data.seq_len
     if accelerator.is_main_process:
         record = {

@@ -74,8 +74,6 @@ def run_stage1(
     trainable = new_parameters(student)
     for p in trainable:
         p.requires_grad_(True)
-    ids = {id(p) for p in trainable}
-    params = {name: p for name, p in student.named_parameters() if id(p) in ids}
     optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)
     aligner, optimizer = accelerator.prepare(MixerAlignment(student), optimizer)
     taps = TeacherAttentionTaps(teacher)
@@ -92,7 +90,6 @@ def run_stage1(
         stage="stage1",
         accelerator=accelerator,
         model=aligner,
-        params=params,
         optimizer=optimizer,
         spec=spec,
         total_steps=total,

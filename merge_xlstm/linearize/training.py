@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from merge_xlstm.io import atomic_dir, atomic_file
+from merge_xlstm.linearize.sharding import clip_grad_norm_, full, like
 from merge_xlstm.recipe import OptimSpec
 
 CHECKPOINT = "checkpoint"
@@ -74,9 +75,14 @@ def micro_batches(
 
 @dataclass
 class Checkpoint:
-    """The latest resumable state of one stage, in `<work dir>/checkpoint/`."""
+    """The latest resumable state of one stage, in `<work dir>/checkpoint/`.
+
+    Tensors are saved whole, gathered from FSDP's shards on every rank and written by the `main`
+    process alone; every rank loads them and keeps its own shard (merge_xlstm.linearize.sharding).
+    """
 
     directory: Path
+    main: bool = True
 
     @property
     def path(self) -> Path:
@@ -90,12 +96,14 @@ class Checkpoint:
         tensors = load_file(self.path / "params.safetensors")
         with torch.no_grad():
             for name, p in params.items():
-                p.copy_(tensors[name].to(p.device, p.dtype))
+                p.copy_(like(tensors[name], p))
         opt_tensors = load_file(self.path / "optimizer.safetensors")
+        by_index = [p for group in optimizer.param_groups for p in group["params"]]
         state: dict[int, dict[str, Any]] = {}
         for key, tensor in opt_tensors.items():
             idx, field = key.split(".", 1)
-            state.setdefault(int(idx), {})[field] = tensor
+            param = by_index[int(idx)]  # moments are shaped (and sharded) like their parameter; `step` is a scalar
+            state.setdefault(int(idx), {})[field] = like(tensor, param) if tensor.shape == param.shape else tensor
         for idx, scalars in meta["optimizer_scalars"].items():
             state.setdefault(int(idx), {}).update(scalars)
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
@@ -107,11 +115,14 @@ class Checkpoint:
         for idx, fields in opt["state"].items():
             for field, value in fields.items():
                 if isinstance(value, Tensor):
-                    tensors[f"{idx}.{field}"] = value.detach().cpu().contiguous()
+                    tensors[f"{idx}.{field}"] = full(value).detach().cpu().contiguous()
                 else:
                     scalars.setdefault(str(idx), {})[field] = value
+        whole = {n: full(p).detach().cpu().contiguous() for n, p in params.items()}
+        if not self.main:
+            return
         with atomic_dir(self.path, overwrite=True) as tmp:
-            save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, tmp / "params.safetensors")
+            save_file(whole, tmp / "params.safetensors")
             save_file(tensors, tmp / "optimizer.safetensors")
             meta = {"step": step, "param_groups": opt["param_groups"], "optimizer_scalars": scalars}
             (tmp / "state.json").write_text(json.dumps(meta))
@@ -148,7 +159,6 @@ def train_loop(
     stage: str,
     accelerator: Accelerator,
     model: nn.Module,
-    params: dict[str, nn.Parameter],
     optimizer: torch.optim.Optimizer,
     spec: OptimSpec,
     total_steps: int,
@@ -165,9 +175,11 @@ def train_loop(
     directory) is the stage's completion mark, and the work directory is removed after it.
 
     `step_fn(micro_batch, step)` returns the micro-batch's loss (mean over its tokens) and its parts;
-    micro-batch losses are averaged into one optimizer step of `spec.batch_size` rows.
+    micro-batch losses are averaged into one optimizer step of `spec.batch_size` rows. The trained
+    parameters are the prepared model's own (`requires_grad`): FSDP replaces the parameter objects.
     """
-    checkpoint = Checkpoint(work_dir / stage)
+    params = {name: p for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+    checkpoint = Checkpoint(work_dir / stage, main=accelerator.is_main_process)
     start = checkpoint.load(params, optimizer)
     log = MetricsLog(work_dir / "metrics.jsonl", stage=stage, resume_step=start)
     if start >= total_steps:
@@ -192,7 +204,7 @@ def train_loop(
             accelerator.backward(loss / micro_per_step)
             for key, value in {"loss": loss.item(), **parts}.items():
                 sums[key] = sums.get(key, 0.0) + value / len(batches)
-        grad_norm = accelerator.clip_grad_norm_(list(params.values()), spec.grad_clip)
+        grad_norm = clip_grad_norm_(accelerator, list(params.values()), spec.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tok_s = tokens_per_step / (time.perf_counter() - began)
@@ -200,9 +212,18 @@ def train_loop(
         bar.update(1)
         bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
         if done % spec.log_every == 0 or done == total_steps or step == start:
+            sums = _mean_over_processes(accelerator, sums)
             if accelerator.is_main_process:
                 log.write({"step": done, "tokens": done * tokens_per_step, "lr": lr,
                            "grad_norm": float(grad_norm), "tokens_per_s": tok_s, **sums})
-        if done % spec.save_every == 0 and done < total_steps and accelerator.is_main_process:
+        if done % spec.save_every == 0 and done < total_steps:
             checkpoint.save(params, optimizer, done)
     bar.close()
+
+
+def _mean_over_processes(accelerator: Accelerator, values: dict[str, float]) -> dict[str, float]:
+    """Each process saw its share of the global batch: the logged loss is the mean over all of them."""
+    if accelerator.num_processes == 1:
+        return values
+    means = accelerator.reduce(torch.tensor(list(values.values()), device=accelerator.device), reduction="mean")
+    return dict(zip(values, means.tolist()))

@@ -36,7 +36,7 @@ def statuses(steps: Sequence[Step]) -> dict[str, str]:
     return status
 
 
-def wall_seconds(steps: Sequence[Step], status: dict[str, str], launcher: Launcher, config: str | None,
+def wall_seconds(steps: Sequence[Step], status: dict[str, str], launcher: Launcher, command: list[str] | None,
                  gpus: int, rates: Throughput) -> float:
     """Replay the scheduler: steps in order once their dependencies end, on free GPU slots."""
     slots = max(1, gpus)
@@ -46,7 +46,7 @@ def wall_seconds(steps: Sequence[Step], status: dict[str, str], launcher: Launch
     for step in steps:
         ready = max([end[d] for d in step.deps], default=0.0)
         cost = 0.0 if status[step.name] == "done" else step_seconds(step, rates)
-        placement = launcher(step.work, config)
+        placement = launcher(step.work, command)
         wanted = slots if placement.gpus == ALL_GPUS else min(placement.gpus, slots)
         now = max(now, ready)
         while free < wanted and busy:
@@ -85,7 +85,7 @@ def render_plan(mission: Mission, steps: Sequence[Step], launcher: Launcher, gpu
                 totals[name] += step.budget.get(name, 0)
     lines.append(f"  {'left to do':<37}" + "".join(f"{_count(totals[name]):>11}" for name, _ in COLUMNS)
                  + f"{_duration(device_seconds):>11}")
-    wall = wall_seconds(steps, status, launcher, pipeline.accelerate_config, len(gpus), rates)
+    wall = wall_seconds(steps, status, launcher, pipeline.launch_command, len(gpus), rates)
     lines += ["", f"estimated: {_duration(device_seconds)} of device time, {_duration(wall)} wall time here "
               f"(eval.limit {pipeline.eval.limit or 'none: eval time not estimated'})"]
     return "\n".join(lines)

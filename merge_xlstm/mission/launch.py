@@ -8,8 +8,9 @@ re-reads the pipeline and runs that one step, so workers need no state from the 
 - ``inprocess``: every step here, one after another (CPU, or one GPU).
 - ``per_gpu``: one worker per GPU for each train or device step, as many at once as there are GPUs:
   the four experts train in parallel on four GPUs (paper A's experts are independent given the seed).
-- ``accelerate``: train steps as one worker over all GPUs through ``accelerate launch --config_file
-  <accelerate_config>`` (DDP or FSDP, configs/accelerate/), one after another; device steps per GPU.
+- ``accelerate``: train steps as one worker over all GPUs, started by the pipeline's ``launch_command``
+  (``accelerate launch --config_file configs/accelerate/fsdp.yaml`` or ``ddp.yaml``; ``torchrun
+  --nproc_per_node N`` works too), one after another; device steps per GPU.
 - ``auto``: per_gpu when two or more GPUs are visible, else inprocess.
 """
 
@@ -33,29 +34,29 @@ class Placement:
 
 IN_PROCESS = Placement(0)
 ONE_GPU = Placement(1)
-Launcher = Callable[[str, "str | None"], Placement]  # (work, accelerate_config) -> placement
+Launcher = Callable[[str, "list[str] | None"], Placement]  # (work, launch_command) -> placement
 LAUNCHERS: Registry[Launcher] = Registry("launcher")
 
 
 @LAUNCHERS.register("inprocess")
-def _inprocess(work: str, config: str | None) -> Placement:
+def _inprocess(work: str, command: list[str] | None) -> Placement:
     return IN_PROCESS
 
 
 @LAUNCHERS.register("per_gpu")
-def _per_gpu(work: str, config: str | None) -> Placement:
+def _per_gpu(work: str, command: list[str] | None) -> Placement:
     return {"train": ONE_GPU, "device": ONE_GPU, "host": IN_PROCESS}[work]
 
 
 @LAUNCHERS.register("accelerate")
-def _accelerate(work: str, config: str | None) -> Placement:
-    launch = Placement(ALL_GPUS, ("accelerate", "launch", "--config_file", str(config), "-m"))
+def _accelerate(work: str, command: list[str] | None) -> Placement:
+    launch = Placement(ALL_GPUS, (*(command or ()), "-m"))
     return {"train": launch, "device": ONE_GPU, "host": IN_PROCESS}[work]
 
 
 @LAUNCHERS.register("auto")
-def _auto(work: str, config: str | None) -> Placement:
-    return LAUNCHERS.get("per_gpu" if len(visible_gpus()) >= 2 else "inprocess")(work, config)
+def _auto(work: str, command: list[str] | None) -> Placement:
+    return LAUNCHERS.get("per_gpu" if len(visible_gpus()) >= 2 else "inprocess")(work, command)
 
 
 def visible_gpus() -> list[str]:

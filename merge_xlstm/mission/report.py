@@ -22,7 +22,7 @@ from merge_xlstm.linearize.pipeline import fingerprint
 from merge_xlstm.linearize.training import MetricsLog
 from merge_xlstm.mission.evaluation import results_dir
 from merge_xlstm.mission.spec import Mission
-from merge_xlstm.mission.steps import Step, has_key, memo, merged_label, read_json
+from merge_xlstm.mission.steps import Step, has_key, memo, merged_label, read_json, remove_stale_temporaries
 from merge_xlstm.mission.weights import search_path
 from merge_xlstm.provenance import read_metadata
 from merge_xlstm.registry import Registry
@@ -101,6 +101,7 @@ def gather(mission: Mission, models: dict[str, str]) -> ReportData:
 
 def write_report(mission: Mission, models: dict[str, str], out: Path, key: str) -> None:
     data = gather(mission, models)
+    remove_stale_temporaries(out)
     with atomic_dir(out, overwrite=True) as tmp:
         lines = [f"# merge-xlstm run `{mission.pipeline.name}`", "",
                  f"Teacher `{mission.first.teacher}`; experts {', '.join(f'`{d}`' for d in mission.domains)} "

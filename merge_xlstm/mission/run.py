@@ -32,7 +32,7 @@ LOG_TAIL = 25
 def main(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.only is None:
         raise UserError("run starts its own processes; for DDP/FSDP set `launcher: accelerate` and "
-                        "`accelerate_config` in the pipeline and start run without accelerate launch")
+                        "`launch_command` in the pipeline and start run without accelerate launch")
     mission = load_mission(args.pipeline, args.overrides)
     steps = build_steps(mission, mission.pipeline.device)
     if args.only is not None:
@@ -99,8 +99,11 @@ class Scheduler:
                     for step in [s for s in pending if all(d in self.finished for d in s.deps)]:
                         if self._past_deadline():
                             break
-                        if self._start(step, len(self.steps) - len(pending) + 1):
+                        started = self._start(step, len(self.steps) - len(pending) + 1)
+                        if started:
                             pending.remove(step)
+                        if started and step.name in self.finished:
+                            break  # done here: steps it unblocks come first, in the steps' own order
                 if not self.workers and (self.failed or self._past_deadline()
                                          or not any(all(d in self.finished for d in s.deps) for s in pending)):
                     break
@@ -117,7 +120,7 @@ class Scheduler:
 
     def _start(self, step: Step, number: int) -> bool:
         """Skip `step` if done, run it here, or start its worker; False if its GPUs are busy."""
-        placement: Placement = self.launcher(step.work, self.mission.pipeline.accelerate_config)
+        placement: Placement = self.launcher(step.work, self.mission.pipeline.launch_command)
         wanted = len(self.gpus) if placement.gpus == ALL_GPUS else placement.gpus
         if wanted > len(self.free) or (placement.gpus == ALL_GPUS and self.workers):
             return False

@@ -136,7 +136,10 @@ class Pipeline(Strict):
         None, description="Put the seed at <dir>/seed and each expert at <dir>/<name> instead of the recipes' paths."
     )
     launcher: str = Field("auto", description="auto, inprocess, per_gpu or accelerate (mission.launch.LAUNCHERS).")
-    accelerate_config: str | None = Field(None, description="accelerate launch config for launcher accelerate.")
+    launch_command: list[str] | None = Field(
+        None, min_length=1, description="launcher accelerate: what starts one training worker over all GPUs, e.g. "
+        "[accelerate, launch, --config_file, configs/accelerate/fsdp.yaml] (or torchrun --nproc_per_node N)."
+    )
     device: str | None = Field(None, description="torch device for in-process steps (default: cuda if available).")
     state_dir: str = Field("experts/.run", description="What is neither model nor result: search, step logs.")
     merge: MergeStage = Field(default_factory=MergeStage)
@@ -152,12 +155,6 @@ class Pipeline(Strict):
                 raise ValueError(f"no such recipe file: {path}")
         return value
 
-    @field_validator("accelerate_config")
-    @classmethod
-    def _config_exists(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).is_file():
-            raise ValueError(f"no such file: {value}")
-        return value
 
 
 @dataclass(frozen=True)
@@ -257,9 +254,9 @@ def _check_names(pipeline: Pipeline, where: str) -> None:
             if name not in registry:
                 raise UserError(f"unknown {registry.kind} {name!r} (known: {', '.join(registry.names())})",
                                 where=f"{where}: {field}")
-    if pipeline.launcher == "accelerate" and pipeline.accelerate_config is None:
-        raise UserError("launcher accelerate needs accelerate_config (e.g. configs/accelerate/fsdp.yaml)",
-                        where=f"{where}: accelerate_config")
+    if pipeline.launcher == "accelerate" and pipeline.launch_command is None:
+        raise UserError("launcher accelerate needs it, e.g. [accelerate, launch, --config_file, "
+                        "configs/accelerate/fsdp.yaml]", where=f"{where}: launch_command")
     if pipeline.merge.search.lambdas is not None and pipeline.merge.method != "task_arithmetic":
         raise UserError(f"method {pipeline.merge.method} has no scaling to search; remove it",
                         where=f"{where}: merge.search.lambdas")

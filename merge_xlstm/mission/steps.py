@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merge_xlstm.errors import UserError
 from merge_xlstm.io import atomic_dir, write_json
 from merge_xlstm.linearize.pipeline import fingerprint, seed_key
 from merge_xlstm.mission.spec import Mission
@@ -145,13 +145,20 @@ def has_key(path: Path, key: str) -> bool:
     return read_json(path).get("key") == key
 
 
+def remove_stale_temporaries(target: Path) -> None:
+    """Remove what a killed writer of `target` left beside it (``atomic_dir``'s ``.<name>.tmp-*``).
+
+    Only for outputs the run alone writes, one step at a time: a leftover results folder would
+    otherwise be read by `merge-xlstm compare <results>/<model>` as a second copy of the model's tasks.
+    """
+    for leftover in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def write_dir_with_stamp(target: Path, key: str, fill: Callable[[Path], None]) -> None:
     """Fill a fresh directory and rename it over `target` with the key stamped inside (all or nothing)."""
+    remove_stale_temporaries(target)
     with atomic_dir(target, overwrite=True) as tmp:
         fill(tmp)
         write_json(tmp / STAMP, {"key": key})
 
-
-def require(condition: bool, message: str, where: str) -> None:
-    if not condition:
-        raise UserError(message, where=where)

@@ -19,7 +19,15 @@ from merge_xlstm.io import atomic_dir, write_json
 from merge_xlstm.linearize.pipeline import fingerprint
 from merge_xlstm.mission.evaluation import resolve_device
 from merge_xlstm.mission.spec import Mission
-from merge_xlstm.mission.steps import SEARCH_FILE, Step, has_key, memo, model_key, read_json
+from merge_xlstm.mission.steps import (
+    SEARCH_FILE,
+    Step,
+    has_key,
+    memo,
+    model_key,
+    read_json,
+    remove_stale_temporaries,
+)
 from merge_xlstm.provenance import read_metadata
 from merge_xlstm.recipe import MergeRecipe
 
@@ -158,6 +166,7 @@ def _merge_step(mission: Mission, name: str) -> Step:
         stale = read_metadata(planned.output).get("kind") == "merged"  # an earlier run's merge: replace it
         checked = MergeRecipe.model_validate({**planned.model_dump(), "overwrite": stale})
         merge = plan(checked, f"{mission.path}: merge ({name})")
+        remove_stale_temporaries(Path(checked.output))
         with atomic_dir(checked.output, overwrite=stale) as tmp:
             write_merged(merge, tmp)
         print(f"merged {len(merge.experts)} experts ({checked.method}, {name} weights) into {checked.output}")
