@@ -161,3 +161,23 @@ def test_run_starts_training_steps_through_the_launch_command(single, tmp_path, 
     assert read_metadata(tmp_path / "experts" / "seed")["kind"] == "seed"
     log = (tmp_path / "experts" / ".run" / "logs" / "seed.log").read_text()
     assert "stage1" in log
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_shipped_accelerate_configs_launch_what_they_say(name, monkeypatch):
+    """configs/accelerate/*.yaml as `accelerate launch` reads them: 2 processes, bf16, FSDP2 root-only sharding."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / f"{name}.yaml"
+    args = launch_command_parser().parse_args(["--config_file", str(config), "-m", "merge_xlstm", "linearize", "r.yaml"])
+    args = _validate_launch_command(args)[0]
+    env = prepare_multi_gpu_env(args)
+    assert args.num_processes == 2 and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    assert (env.get("ACCELERATE_USE_FSDP") == "true") == (name == "fsdp") and args.multi_gpu == (name == "ddp")
+    if name == "fsdp":
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        plugin = FullyShardedDataParallelPlugin()
+        assert plugin.fsdp_version == 2 and plugin.auto_wrap_policy is None and plugin.reshard_after_forward is True

@@ -32,8 +32,8 @@ from merge_xlstm.testing import tiny_teacher, tiny_tokenizer
 SEQ_LEN, BATCH = 64, 4
 STAGE1_STEPS, STAGE2_STEPS = 4, 6
 REPORT = Path("reports") / "tiny"
-STEPS = ["seed", "expert:math", "expert:code", "eval:teacher:ci", "eval:math:ci", "eval:code:ci", "search",
-         "merge:searched", "eval:merged:ci", "report"]
+STEPS = ["seed", "expert:math", "expert:code", "eval:teacher", "eval:math", "eval:code", "search", "merge:searched",
+         "eval:merged", "report"]
 # Files a finished run leaves that must not depend on how it got there (kills, workers or not).
 RESULTS = [
     *(f"experts/{m}/model.safetensors" for m in ("seed", "math", "code", "merged")),
@@ -101,7 +101,7 @@ def test_run_makes_the_merged_model_and_the_report(reference, capsys, monkeypatc
     root, printed = reference
     assert re.search(r"merged model \(experts/merged\): alpha\* = \d\.\d{4} over 3 benchmarks .*report: "
                      + re.escape(str(REPORT / "report.md")), printed.strip().splitlines()[-1])
-    for step in ("seed", "expert:math", "expert:code", "eval:teacher:ci", "search"):  # ran in workers
+    for step in ("seed", "expert:math", "expert:code", "eval:teacher", "search"):  # ran in workers
         assert re.search(rf"{re.escape(step)}: started on GPU [01] ", printed), step
         assert (root / "experts" / ".run" / "logs" / f"{step.replace(':', '-')}.log").is_file()
 
@@ -163,7 +163,7 @@ def test_dry_run_prints_plan_budget_and_time(reference, tmp_path, capsys, monkey
     # math stores its training targets, code computes them online: only its validation rows are stored
     assert rows["expert:math"][1:4] == ["-", f"{(rows2 + validation) * SEQ_LEN / 1000:.1f}K", "1.5K"]
     assert rows["expert:code"][1:4] == ["-", str(validation * SEQ_LEN), "1.5K"]
-    assert rows["eval:teacher:ci"][1:] == ["-", "-", "-", "3", "6 s"]  # 3 tasks, limit 1, 0.5 docs/s
+    assert rows["eval:teacher"][1:] == ["-", "-", "-", "3", "6 s"]  # 3 tasks of suite ci, limit 1, 0.5 docs/s
     assert not (fresh / "experts").exists()  # planning writes nothing
 
     monkeypatch.chdir(reference[0])
@@ -198,7 +198,7 @@ KILLS = [
     ("merge_xlstm.linearize.training", "Checkpoint.save", 1),  # seed: stage I after its first checkpoint
     ("merge_xlstm.linearize.training", "Checkpoint.save", 1),  # expert:math, stage II after a checkpoint
     ("merge_xlstm.mission.steps", "write_json", 1),  # an evaluation: results written, not yet renamed
-    ("merge_xlstm.merge.search.InMemoryMerge", "apply", 3),  # the search, at its third candidate
+    ("merge_xlstm.merge.search", "InMemoryMerge.apply", 3),  # the search, at its third candidate
     ("merge_xlstm.merge.run", "write_metadata", 1),  # a merge: weights written, not yet renamed
     ("merge_xlstm.mission.report", "_save", 2),  # the report, between two figures
 ]

@@ -211,7 +211,7 @@ def train_loop(
         done = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-        if done % spec.log_every == 0 or done == total_steps or step == start:
+        if done % spec.log_every == 0 or done == total_steps or done == 1:  # a resumed run logs what an unbroken one does
             sums = _mean_over_processes(accelerator, sums)
             if accelerator.is_main_process:
                 log.write({"step": done, "tokens": done * tokens_per_step, "lr": lr,

@@ -28,6 +28,7 @@ from merge_xlstm.provenance import read_metadata
 from merge_xlstm.registry import Registry
 
 REPORT_JSON = "report.json"
+CLOCK_FIELDS = ("tokens_per_s",)  # measured, not computed: left out so a resumed run writes the same report
 REFERENCE = "teacher"
 
 
@@ -305,7 +306,8 @@ def _training(data: ReportData, out: Path) -> tuple[list[str], dict[str, Any]]:
         medians = record.get("output_gate_medians") or []
         if medians:
             gates.plot(range(len(medians)), medians, marker=".", label=domain)
-        final = {stage: next((r for r in reversed(metrics) if r["stage"] == stage), {}) for stage in ("stage1", "stage2")}
+        final = {stage: {k: v for k, v in next((r for r in reversed(metrics) if r["stage"] == stage), {}).items()
+                         if k not in CLOCK_FIELDS} for stage in ("stage1", "stage2")}
         validation = record.get("validation", {})
         kl = next((v for k, v in validation.items() if k.endswith("_kl")), None)
         rows.append([domain, _num(final["stage1"].get("loss"), 4, "g"), _num(final["stage2"].get("loss"), 4),

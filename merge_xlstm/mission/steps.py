@@ -2,11 +2,11 @@
 
     seed                      the shared stage-I seed (from the first domain's data)
     expert:<domain>           `linearize` of each domain recipe
-    eval:teacher:<suite>      lm-eval suites, teacher and every expert, results under eval.output
-    eval:<domain>:<suite>
+    eval:teacher              every lm-eval suite, teacher and every expert, results under eval.output
+    eval:<domain>
     search                    merge weights on the domains' validation rows -> <state_dir>/search.json
     merge:<weighting>         searched, uniform and fixed weights, mergekit into model directories
-    eval:merged[-<w>]:<suite> the merges the pipeline evaluates
+    eval:merged[-<w>]         the merges the pipeline evaluates
     report                    compare (C_alpha, alpha*) and the report page -> report.output
 
 A step is done when its result carries its key: seed and expert directories their recipe's key (as
@@ -58,8 +58,7 @@ def build_steps(mission: Mission, device: str | None) -> list[Step]:
     models |= {name: (recipe.output, (f"expert:{name}",)) for name, recipe in mission.domains.items()}
     merges = {name: mission.merge_output(name) for name in mission.pipeline.merge.evaluate}
     models |= {merged_label(name): (output, (f"merge:{name}",)) for name, output in merges.items()}
-    evals = [evaluation.eval_step(mission, label, path, deps, suite, device)
-             for label, (path, deps) in models.items() for suite in mission.pipeline.eval.suites]
+    evals = [evaluation.eval_step(mission, label, path, deps, device) for label, (path, deps) in models.items()]
     before_merge = [s for s in evals if not s.deps or s.deps[0].startswith("expert:")]
     steps += before_merge
     steps.append(weights.search_step(mission, device))
@@ -82,9 +81,20 @@ def memo(fn: Callable[[], str]) -> Callable[[], str]:
 
 
 def model_key(path_or_id: str) -> str:
-    """Identity of evaluated weights: the digest of a local directory, or the hub id / packaged name itself."""
+    """Identity of evaluated weights: the digest of a local directory, or the hub id / packaged name itself.
+
+    A digest is computed once per process for each state of the files (name, size, modification time).
+    """
     path = Path(path_or_id)
-    return weights_digest(path) if path.is_dir() else path_or_id
+    if not path.is_dir():
+        return path_or_id
+    files = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.glob("*.safetensors")))
+    return _digest(str(path.resolve()), files)
+
+
+@functools.cache
+def _digest(path: str, files: tuple[tuple[str, int, int], ...]) -> str:
+    return weights_digest(path)
 
 
 # ------------------------------------------------------------------------------ seed and experts
