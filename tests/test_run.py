@@ -222,3 +222,49 @@ def test_kill_9_at_every_kind_of_step_then_rerun_gives_the_same_files(reference,
     assert merged.keys() == load_file(reference[0] / "experts/merged/model.safetensors").keys()
     assert not list((root / "results" / "experts__merged").glob(".*tmp-*"))  # no leftover for compare to misread
     shutil.rmtree(root / "experts")
+
+
+BAD_PIPELINES = {
+    "unknown-key": ({"epochs": 3}, "epochs: unknown key"),
+    "unknown-nested-key": ({"merge": {"serach": {}}}, "merge.serach: unknown key"),
+    "missing-recipe": ({"domains": ["math.yaml", "nope.yaml"]}, "domains: no such recipe file: nope.yaml"),
+    "weights-for-other-domains": ({"merge": {"fixed_weights": {"paper": {"math": 1.0, "stem": 1.0}}}},
+                                  "merge.fixed_weights.paper: expected a weight for each domain (math, code)"),
+    "weights-named-like-a-built-in": ({"merge": {"fixed_weights": {"uniform": {"math": 1.0, "code": 1.0}}}},
+                                      "merge.fixed_weights: 'uniform' is the name of a built-in weighting"),
+    "evaluate-unknown-weighting": ({"merge": {"evaluate": ["searched", "nightly"]}},
+                                   "merge: evaluate: unknown weighting 'nightly' (known: searched, uniform, paper)"),
+    "unknown-suite": ({"eval": {"suites": ["ci", "poetry"]}}, "eval.suites: unknown suite 'poetry' (known: chat, ci,"),
+    "unknown-objective": ({"merge": {"search": {"objective": "vibes"}}},
+                          "merge.search.objective: unknown search objective 'vibes' (known: validation_ce,"),
+    "unsearchable-method": ({"merge": {"method": "ties"}}, "merge.method: unknown searchable merge method 'ties'"),
+    "lambdas-for-linear": ({"merge": {"search": {"lambdas": [1.0, 2.0]}}},
+                           "merge.search.lambdas: method linear has no scaling to search"),
+    "accelerate-without-command": ({"launcher": "accelerate"}, "launch_command: launcher accelerate needs it"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PIPELINES))
+def test_bad_pipeline_is_one_line_naming_file_and_field(case, tmp_path, monkeypatch, capsys):
+    root = make_workspace(tmp_path / "ws")
+    monkeypatch.chdir(root)
+    pipeline = yaml.safe_load((root / "pipeline.yaml").read_text())
+    edit, expected = BAD_PIPELINES[case]
+    for key, value in edit.items():
+        pipeline[key] = {**pipeline[key], **value} if isinstance(value, dict) and key in pipeline else value
+    (root / "pipeline.yaml").write_text(yaml.safe_dump(pipeline))
+    capsys.readouterr()  # the workspace's own progress bars
+    assert cli(["run", "pipeline.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"merge-xlstm: error: pipeline.yaml: {expected}") and "\n" not in err, err
+    assert not (root / "experts").exists()
+
+
+def test_domains_must_grow_from_one_seed(tmp_path, monkeypatch, capsys):
+    root = make_workspace(tmp_path / "ws")
+    monkeypatch.chdir(root)
+    code = yaml.safe_load((root / "code.yaml").read_text())
+    (root / "code.yaml").write_text(yaml.safe_dump({**code, "seed": "experts/other-seed"}))
+    capsys.readouterr()
+    assert cli(["run", ".", "--dry-run"]) == 2
+    assert "pipeline.yaml: domains: code and math differ in seed" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from merge_xlstm.cli import main as cli
 from merge_xlstm.linearize.pipeline import fingerprint, seed_key

@@ -17,6 +17,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from merge_xlstm.errors import UserError
 from merge_xlstm.linearize import distil  # noqa: F401  (registers the delta_distil loss)
 from merge_xlstm.linearize.losses import LOSSES
 from merge_xlstm.linearize.sharding import gathered
@@ -57,6 +58,9 @@ def run_stage2(
     loss_fn = stage2_loss(recipe, per_epoch)
     model = student
     if spec.lora is not None:
+        if accelerator.is_fsdp2:  # the adapters would have to be merged on sharded weights
+            raise UserError("LoRA is not supported under FSDP; train with DDP (configs/accelerate/ddp.yaml)",
+                            where="stage2.lora")
         from peft import LoraConfig, get_peft_model
 
         mixer_params = new_parameters(student) if recipe.student.kind == "hybrid" else []

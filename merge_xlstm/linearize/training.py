@@ -115,15 +115,15 @@ class Checkpoint:
         for idx, fields in opt["state"].items():
             for field, value in fields.items():
                 if isinstance(value, Tensor):
-                    tensors[f"{idx}.{field}"] = full(value).detach().cpu().contiguous()
+                    tensors[f"{idx}.{field}"] = full(value)  # every rank takes part in FSDP's gather
                 else:
                     scalars.setdefault(str(idx), {})[field] = value
-        whole = {n: full(p).detach().cpu().contiguous() for n, p in params.items()}
+        whole = {n: full(p) for n, p in params.items()}
         if not self.main:
             return
         with atomic_dir(self.path, overwrite=True) as tmp:
-            save_file(whole, tmp / "params.safetensors")
-            save_file(tensors, tmp / "optimizer.safetensors")
+            save_file({n: t.detach().cpu().contiguous() for n, t in whole.items()}, tmp / "params.safetensors")
+            save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, tmp / "optimizer.safetensors")
             meta = {"step": step, "param_groups": opt["param_groups"], "optimizer_scalars": scalars}
             (tmp / "state.json").write_text(json.dumps(meta))
 

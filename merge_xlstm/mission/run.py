@@ -22,7 +22,8 @@ from merge_xlstm.errors import UserError
 from merge_xlstm.mission.budget import render_plan
 from merge_xlstm.mission.launch import ALL_GPUS, LAUNCHERS, Placement, visible_gpus
 from merge_xlstm.mission.spec import Mission, load_mission
-from merge_xlstm.mission.steps import Step, build_steps
+from merge_xlstm.mission.plan import build_steps
+from merge_xlstm.mission.steps import Step
 
 STOPPED = 3
 POLL_S = 1.0

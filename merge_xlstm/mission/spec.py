@@ -36,6 +36,7 @@ from merge_xlstm.recipe import (
 )
 
 PIPELINE_FILE = "pipeline.yaml"
+BUILT_IN_WEIGHTS = ("searched", "uniform")  # weightings every run has; fixed ones are named in the pipeline
 
 
 class SearchSpec(Strict):
@@ -90,8 +91,6 @@ class MergeStage(Strict):
             raise ValueError("evaluate: must include 'searched' (it is the run's merged model)")
         return self
 
-
-BUILT_IN_WEIGHTS = ("searched", "uniform")
 
 
 class EvalSpec(Strict):

@@ -27,9 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from merge_xlstm.io import atomic_dir, write_json
-from merge_xlstm.linearize.pipeline import fingerprint, seed_key
-from merge_xlstm.mission.spec import Mission
-from merge_xlstm.provenance import read_metadata, weights_digest
+from merge_xlstm.provenance import weights_digest
 
 STAMP = "merge_xlstm_run.json"  # in each eval results directory: the key it was made for
 SEARCH_FILE = "search.json"
@@ -46,28 +44,6 @@ class Step:
     done: Callable[[str], bool]
     run: Callable[[str], None]
     budget: dict[str, Any] = field(default_factory=dict)  # tokens per stage or eval documents, for --dry-run
-
-
-def build_steps(mission: Mission, device: str | None) -> list[Step]:
-    """Every step of the run, in an order that respects their dependencies."""
-    from merge_xlstm.mission import evaluation, weights
-
-    steps: list[Step] = [_seed_step(mission, device)]
-    steps += [_expert_step(mission, name, device) for name in mission.domains]
-    models = {"teacher": (mission.first.teacher, ())}
-    models |= {name: (recipe.output, (f"expert:{name}",)) for name, recipe in mission.domains.items()}
-    merges = {name: mission.merge_output(name) for name in mission.pipeline.merge.evaluate}
-    models |= {merged_label(name): (output, (f"merge:{name}",)) for name, output in merges.items()}
-    evals = [evaluation.eval_step(mission, label, path, deps, device) for label, (path, deps) in models.items()]
-    before_merge = [s for s in evals if not s.deps or s.deps[0].startswith("expert:")]
-    steps += before_merge
-    steps.append(weights.search_step(mission, device))
-    steps += weights.merge_steps(mission)
-    steps += [s for s in evals if s not in before_merge]
-    from merge_xlstm.mission.report import report_step
-
-    steps.append(report_step(mission, steps, models))
-    return steps
 
 
 def merged_label(weighting: str) -> str:
@@ -95,55 +71,6 @@ def model_key(path_or_id: str) -> str:
 @functools.cache
 def _digest(path: str, files: tuple[tuple[str, int, int], ...]) -> str:
     return weights_digest(path)
-
-
-# ------------------------------------------------------------------------------ seed and experts
-def _seed_step(mission: Mission, device: str | None) -> Step:
-    recipe = mission.first
-    key = memo(lambda: seed_key(recipe))
-
-    def done(key: str) -> bool:
-        meta = read_metadata(recipe.seed)
-        return meta.get("kind") == "seed" and meta.get("seed_key") == key
-
-    def run(key: str) -> None:
-        from merge_xlstm.linearize.pipeline import build_seed
-
-        build_seed(recipe, device=device)
-
-    return Step("seed", "train", (), key, done, run, budget=_stage_tokens(recipe, seed=True))
-
-
-def _expert_step(mission: Mission, name: str, device: str | None) -> Step:
-    recipe = mission.domains[name]
-    key = memo(lambda: fingerprint(recipe.model_dump()))  # linearize's own recipe_key
-
-    def done(key: str) -> bool:
-        meta = read_metadata(recipe.output)
-        return meta.get("kind") == "expert" and meta.get("recipe_key") == key
-
-    def run(key: str) -> None:
-        from merge_xlstm.linearize.pipeline import linearize
-
-        linearize(recipe, device=device)
-
-    return Step(f"expert:{name}", "train", ("seed",), key, done, run, budget=_stage_tokens(recipe, seed=False))
-
-
-def _stage_tokens(recipe: Any, *, seed: bool) -> dict[str, int]:
-    """Tokens each stage of this step processes (what the dry run turns into time)."""
-    from merge_xlstm.linearize.stage2 import steps_per_epoch, total_steps
-    from merge_xlstm.linearize.training import num_steps
-
-    seq_len = recipe.data.seq_len
-    if seed:
-        return {"stage1": num_steps(recipe.stage1, seq_len) * recipe.stage1.batch_size * seq_len if recipe.stage1 else 0}
-    rows = steps_per_epoch(recipe) * recipe.stage2.batch_size
-    validation = max(1, round(rows * recipe.data.validation_fraction))
-    stored = recipe.student.kind == "hybrid" and recipe.stage2.targets == "stored"
-    return {"targets": ((rows if stored else 0) + validation) * seq_len,
-            "stage2": total_steps(recipe) * recipe.stage2.batch_size * seq_len,
-            "online_targets": 0 if stored else total_steps(recipe) * recipe.stage2.batch_size * seq_len}
 
 
 # ------------------------------------------------------------------------------------- helpers
