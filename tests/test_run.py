@@ -268,3 +268,54 @@ def test_domains_must_grow_from_one_seed(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert cli(["run", ".", "--dry-run"]) == 2
     assert "pipeline.yaml: domains: code and math differ in seed" in capsys.readouterr().err
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(("pipeline", "merges"), [("recipes/pipeline.yaml", 3), ("recipes/demo.yaml", 1),
+                                                  ("bench/mission_smollm2.yaml", 3)])
+def test_shipped_pipelines_plan_the_whole_mission(pipeline, merges, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(run_module, "visible_gpus", lambda: ["0", "1"])
+    assert cli(["run", pipeline, "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    names = [line.split()[0] for line in plan.splitlines() if line.startswith("  ") and line.split()[0] not in ("step", "left")]
+    domains = ["math", "code", "stem", "chat"]
+    assert names[:5] == ["seed", *(f"expert:{d}" for d in domains)]
+    assert names.count("search") == 1 and sum(n.startswith("merge:") for n in names) == merges
+    assert {f"eval:{d}" for d in ["teacher", *domains]} <= set(names) and names[-1] == "report"
+    assert f"launcher {yaml.safe_load((REPO / pipeline).read_text()).get('launcher', 'auto')} on 2 GPUs" in plan
+
+
+def test_report_summary_checks_the_goals_on_known_scores(tmp_path, monkeypatch):
+    """alpha* and the in-domain retention of the merged model, on scores whose answers are known."""
+    from merge_xlstm.eval.compare import DEFAULT_ALPHAS, compare
+    from merge_xlstm.eval.scores import ScoreTable, TaskScore
+    from merge_xlstm.mission.report import SECTIONS, ReportData
+    from merge_xlstm.mission.spec import load_mission
+
+    root = make_workspace(tmp_path / "ws")
+    monkeypatch.chdir(root)
+    mission = load_mission("pipeline.yaml")
+    domains = {"gsm": "math", "math": "math", "humaneval": "code", "mbpp": "code"}
+
+    def table(label: str, scores: list[float]) -> ScoreTable:
+        return ScoreTable(label, {t: TaskScore(s, d, None, None) for (t, d), s in zip(domains.items(), scores)})
+
+    scores = {"teacher": table("teacher", [0.40, 0.20, 0.30, 0.50]),
+              "math": table("math", [0.44, 0.18, 0.20, 0.40]),
+              "code": table("code", [0.30, 0.10, 0.33, 0.50]),
+              "merged": table("merged", [0.42, 0.19, 0.30, 0.40])}
+    document = {"reference": "teacher", "alphas": list(DEFAULT_ALPHAS),
+                "candidates": [compare(scores["teacher"], t, DEFAULT_ALPHAS) for n, t in scores.items() if n != "teacher"]}
+    data = ReportData(mission, scores, document, {}, {})
+    lines, summary = SECTIONS.get("summary").build(data, tmp_path)
+    # merged vs teacher: critical tolerances 0, 0.05, 0, 0.2 -> alpha* is the 2nd smallest: 0
+    assert summary["alpha_star"] == 0.0 and summary["reached"]["alpha_star"]
+    # math: merged (0.42 + 0.19) / 2 vs expert (0.44 + 0.18) / 2 = 0.984; code: 0.35 vs 0.415 = 0.843
+    assert summary["in_domain"]["math"]["ratio"] == pytest.approx(0.305 / 0.31)
+    assert summary["in_domain"]["math"]["met"] and not summary["in_domain"]["code"]["met"]
+    assert not summary["reached"]["in_domain"]
+    assert summary["expert_own_c_0"] == {"math": 0.5, "code": 1.0}  # math wins gsm, loses math; code wins both
+    assert "alpha\\* = 0.0000" in lines[0] and "not met" in lines[-2]
