@@ -12,8 +12,11 @@ on disk is exactly what a user would get from a merge recipe with those weights.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from merge_xlstm.io import atomic_dir, write_json
 from merge_xlstm.linearize.pipeline import fingerprint
@@ -78,11 +81,19 @@ def run_search(mission: Mission, device: str | None) -> dict[str, Any]:
         return {name: objective(validation_metrics(model, rows[name], torch.device(device), recipe.stage2.top_k),
                                 recipe.stage2) for name, recipe in mission.domains.items()}
 
+    tokens = sum(len(r) * len(r[0]["input_ids"]) for r in rows.values())  # scored per candidate
+    bar = tqdm(desc=f"merge-weight search ({spec.search.strategy})", unit="candidate")
+
     def score(weights: list[float], scale: float) -> float:
-        return _mean(per_domain(weights, scale))
+        began = time.perf_counter()
+        value = _mean(per_domain(weights, scale))
+        bar.update(1)
+        bar.set_postfix(objective=f"{value:.4f}", tok_s=f"{tokens / (time.perf_counter() - began):,.0f}")
+        return value
 
     scaled = spec.method == "task_arithmetic"
     trace = search(score, len(domains), spec.search, spec.search.lambdas or [default_scale(mission)])
+    bar.close()
     best = trace.best
     weightings = {
         "searched": (best.weights, best.scale),
