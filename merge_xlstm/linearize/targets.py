@@ -110,7 +110,7 @@ def compute_targets(
             with accelerator.autocast():
                 top = teacher_topk(teacher, input_ids, position_ids, top_k)
             values.append(top["topk_logprobs"].to(getattr(torch, dtype)).cpu())
-            indices.append(top["topk_indices"].to(index_dtype(teacher.config.vocab_size)).cpu())
+            indices.append(top["topk_indices"].cpu().to(index_dtype(teacher.config.vocab_size)))  # uint16: CPU op
             nll.append(top["teacher_nll"].cpu())
             bar.update(input_ids.numel())
             bar.set_postfix(tok_s=f"{input_ids.numel() / (time.perf_counter() - began):,.0f}")
