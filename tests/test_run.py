@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from safetensors.torch import load_file
+from test_linearize_e2e import write_teacher_and_corpora
 from transformers import AutoTokenizer
 
 import merge_xlstm.mission.run as run_module
@@ -27,7 +28,6 @@ from merge_xlstm.eval import sandbox
 from merge_xlstm.linearize.pipeline import recipe_data, targets_dir
 from merge_xlstm.provenance import read_metadata
 from merge_xlstm.recipe import load_linearize_recipe
-from merge_xlstm.testing import tiny_teacher, tiny_tokenizer
 
 SEQ_LEN, BATCH = 64, 4
 STAGE1_STEPS, STAGE2_STEPS = 4, 6
@@ -48,13 +48,8 @@ RESULTS = [
 def make_workspace(root: Path) -> Path:
     """Teacher, two domains (math with stored targets, code with online targets), their recipes, a pipeline."""
     root.mkdir(parents=True)
-    teacher = tiny_teacher("llama")
-    teacher.save_pretrained(root / "teacher")
-    tiny_tokenizer().save_pretrained(root / "teacher")
-    for name, words in (("code", ["def", "return", "class", "import"]), ("math", ["12", "+", "7", "=", "19"])):
-        with (root / f"{name}.jsonl").open("w") as handle:
-            for i in range(300):
-                handle.write(json.dumps({"text": " ".join(words[(i + j) % len(words)] for j in range(20 + i % 9))}) + "\n")
+    write_teacher_and_corpora(root)
+    for name in ("code", "math"):
         recipe = {
             "name": name, "teacher": "teacher",
             "student": {"kind": "hybrid", "mixer": "hybrid", "window_size": 16, "num_sink_tokens": 2},
