@@ -314,3 +314,15 @@ def test_report_summary_checks_the_goals_on_known_scores(tmp_path, monkeypatch):
     assert not summary["reached"]["in_domain"]
     assert summary["expert_own_c_0"] == {"math": 0.5, "code": 1.0}  # math wins gsm, loses math; code wins both
     assert "alpha\\* = 0.0000" in lines[0] and "not met" in lines[-2]
+
+
+def test_a_gpu_launcher_without_gpus_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    root = make_workspace(tmp_path / "ws")
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(run_module, "visible_gpus", lambda: [])
+    capsys.readouterr()
+    assert cli(["run", "pipeline.yaml", "--set", "launcher=per_gpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("merge-xlstm: error: pipeline.yaml: launcher: launcher per_gpu places seed on a GPU and none is "
+                   "visible; use launcher inprocess (or auto)")
+    assert not (root / "experts").exists()

@@ -46,7 +46,8 @@ def main(args: argparse.Namespace) -> int:
     deadline = None if args.stop_after is None else time.monotonic() + 60 * args.stop_after
     left = Scheduler(mission, steps, launcher, gpus, deadline).run()
     if left:
-        print(f"stopped after {args.stop_after:g} min with {left} step(s) left; run the same command again to continue")
+        print(f"stopped (--stop-after {args.stop_after:g}) with {left} step(s) left; run the same command again "
+              "to continue")
         return STOPPED
     from merge_xlstm.mission.report import final_line
 
@@ -123,6 +124,9 @@ class Scheduler:
         """Skip `step` if done, run it here, or start its worker; False if its GPUs are busy."""
         placement: Placement = self.launcher(step.work, self.mission.pipeline.launch_command)
         wanted = len(self.gpus) if placement.gpus == ALL_GPUS else placement.gpus
+        if wanted > len(self.gpus):
+            raise UserError(f"launcher {self.mission.pipeline.launcher} places {step.name} on a GPU and none is "
+                            "visible; use launcher inprocess (or auto)", where=f"{self.mission.path}: launcher")
         if wanted > len(self.free) or (placement.gpus == ALL_GPUS and self.workers):
             return False
         key = step.key()
@@ -131,7 +135,7 @@ class Scheduler:
             print(f"{label}: done")
             self.finished.add(step.name)
             return True
-        if wanted == 0:
+        if placement.gpus == 0:
             began = time.monotonic()
             print(f"{label}: running", flush=True)
             step.run(key)
