@@ -20,9 +20,10 @@ from pathlib import Path
 
 from merge_xlstm.errors import UserError
 from merge_xlstm.mission.budget import render_plan
-from merge_xlstm.mission.launch import ALL_GPUS, LAUNCHERS, Placement, visible_gpus
-from merge_xlstm.mission.spec import Mission, load_mission
+from merge_xlstm.mission.launch import ALL_GPUS, LAUNCHERS, Launcher, Placement, visible_gpus
 from merge_xlstm.mission.plan import build_steps
+from merge_xlstm.mission.report import final_line
+from merge_xlstm.mission.spec import Mission, load_mission
 from merge_xlstm.mission.steps import Step
 
 STOPPED = 3
@@ -49,8 +50,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"stopped (--stop-after {args.stop_after:g}) with {left} step(s) left; run the same command again "
               "to continue")
         return STOPPED
-    from merge_xlstm.mission.report import final_line
-
     print(final_line(mission))
     return 0
 
@@ -84,7 +83,8 @@ class Worker:
 class Scheduler:
     """Start every step whose dependencies are done, in order, where the launcher places it."""
 
-    def __init__(self, mission: Mission, steps: list[Step], launcher, gpus: list[str], deadline: float | None) -> None:
+    def __init__(self, mission: Mission, steps: list[Step], launcher: Launcher, gpus: list[str],
+                 deadline: float | None) -> None:
         self.mission, self.steps, self.launcher, self.gpus, self.deadline = mission, steps, launcher, gpus, deadline
         self.free = deque(gpus)
         self.finished: set[str] = set()
