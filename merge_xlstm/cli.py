@@ -20,6 +20,7 @@ HANDLERS = {
     "merge": "merge_xlstm.merge.run:main",
     "eval": "merge_xlstm.eval.runner:main",
     "compare": "merge_xlstm.eval.compare:main",
+    "run": "merge_xlstm.mission.run:main",
 }
 
 
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens-scale", type=float, default=None, metavar="F",
                    help="multiply stage1.tokens and stage2.tokens by F (e.g. 0.001 for a CPU smoke run)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--seed-only", action="store_true",
+                   help="build (or reuse) the shared stage-I seed and stop, e.g. before experts run in parallel")
 
     p = sub.add_parser(
         "merge",
@@ -98,6 +101,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=None, help="tolerance (default: a grid over [0, 0.4])")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="write the C_alpha curves to a PNG")
+
+    p = sub.add_parser(
+        "run",
+        help="the whole mission: seed, experts, evaluations, merge-weight search, merges, compare and report",
+        description="Run a pipeline (recipes/pipeline.yaml, or a directory holding one): the shared seed once, "
+        "one expert per domain recipe (in parallel, one per GPU, when several GPUs are visible), the teacher's "
+        "and every expert's evaluation on every suite, merge weights searched on the domains' validation rows, "
+        "the merges, their evaluation, compare and a Markdown report. Every step's result is written atomically "
+        "and skipped when present, so rerunning after a kill continues and rerunning a finished run does "
+        "nothing. Ends with the merged model's alpha* and the report's path. Exit code 3: stopped by "
+        "--stop-after with steps left.",
+    )
+    p.add_argument("pipeline", help="pipeline YAML, or a directory holding pipeline.yaml (e.g. recipes/)")
+    _add_set(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the steps, their status, the token budget and the time estimate, and exit")
+    p.add_argument("--stop-after", type=float, default=None, metavar="MINUTES",
+                   help="start no new step after MINUTES (running ones finish); run again to continue")
+    p.add_argument("--only", default=None, metavar="STEP",
+                   help="run one step here (e.g. expert:math); what the run's own workers do")
 
     sub.add_parser(
         "lm-eval",

@@ -181,6 +181,13 @@ class Stage2Spec(OptimSpec):
     ce_weight: float = Field(0.9, ge=0)
     kl_weight: float = Field(0.1, ge=0)
     temperature: float = Field(1.0, gt=0)
+    targets: Literal["stored", "online"] = Field(
+        "stored", description="stored: the teacher's top-k computed once and kept on disk, no teacher in stage II; "
+        "online: the teacher stays loaded and computes them for each batch (no disk; see linearize/targets.py)."
+    )
+    targets_dtype: Literal["float16", "bfloat16"] = Field(
+        "float16", description="Dtype of stored top-k log-probabilities (indices are uint16 when the vocabulary fits)."
+    )
     lora: LoraSpec | None = None
     distil: DistilSchedule | None = None
 
@@ -257,10 +264,13 @@ class LinearizeRecipe(Strict):
         else:
             if self.stage1 is None:
                 raise ValueError("stage1: required for student kind hybrid")
-            split_terms = [t for t in ("gate", "memory") if getattr(self.stage1.loss, t) > 0]
-            if split_terms and self.student.mixer != "hybrid":
-                raise ValueError(f"stage1.loss.{split_terms[0]}: needs student.mixer hybrid (both branches and a gate), "
-                                 f"got {self.student.mixer!r}; set it to 0")
+            if self.student.mixer != "hybrid":  # the split terms need both branches and a gate
+                loss = self.stage1.loss
+                asked = [t for t in ("gate", "memory") if t in loss.model_fields_set and getattr(loss, t) > 0]
+                if asked:
+                    raise ValueError(f"stage1.loss.{asked[0]}: needs student.mixer hybrid (both branches and a "
+                                     f"gate), got {self.student.mixer!r}; set it to 0")
+                loss.gate = loss.memory = 0.0
             if self.stage2.distil is not None:
                 raise ValueError("stage2.distil: the Delta schedule applies to student kind distil_xlstm only")
         return self

@@ -18,7 +18,7 @@ from test_recipe import BAD_RECIPES, write_recipe
 
 from merge_xlstm import cli
 
-SUBCOMMANDS = ("linearize", "merge", "eval", "compare")
+SUBCOMMANDS = ("linearize", "merge", "eval", "compare", "run")
 # one mistake per layer that reports it: the YAML parser, the pydantic schema, --set parsing
 END_TO_END_CASES = ("malformed-yaml", "unknown-nested-key", "set-bad-yaml")
 

@@ -20,10 +20,8 @@ from merge_xlstm.testing import tiny_teacher, tiny_tokenizer
 TEXT = "def add(a, b):\n    return a + b\n"
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny llama teacher directory and two small local corpora."""
-    root = tmp_path_factory.mktemp("linearize")
+def write_teacher_and_corpora(root: Path) -> Path:
+    """A tiny llama teacher directory (`root/teacher`) and two small local corpora (`root/{code,math}.jsonl`)."""
     teacher = tiny_teacher("llama")
     teacher.save_pretrained(root / "teacher")
     tiny_tokenizer().save_pretrained(root / "teacher")
@@ -32,6 +30,11 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
             for i in range(300):
                 handle.write(json.dumps({"text": " ".join(words[(i + j) % len(words)] for j in range(20 + i % 9))}) + "\n")
     return root
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_teacher_and_corpora(tmp_path_factory.mktemp("linearize"))
 
 
 def write_recipe(root: Path, name: str, *, stage2_tokens: int = 64 * 4 * 6) -> Path:

@@ -38,7 +38,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"must be at least 1, got {args.batch_size}", where="--batch-size")
     check_writable_dir(args.output, "--output")
     if suite.executes_code:
-        _permit_code_execution(args.allow_unsafe_code)
+        permit_code_execution(args.allow_unsafe_code)
     names = [output_name(spec) for spec in args.models]
     if len(set(names)) < len(names):
         raise UserError("the same model is listed twice", where=" ".join(args.models))
@@ -88,7 +88,7 @@ def model_dir(spec: str, *, needs_chat_template: bool) -> Path:
     return path
 
 
-def _permit_code_execution(allow_unsafe: bool) -> None:
+def permit_code_execution(allow_unsafe: bool) -> None:
     """Refuse code suites without isolation unless allowed; lm-eval's scoring then reads the choice."""
     backend = sandbox.select_backend(allow_unsafe)
     if backend == "unsafe":
@@ -108,8 +108,12 @@ def evaluate(
     device: str,
     batch_size: int,
     limit: int | None,
+    gen_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run `suite` on the model in `path`; write lm-eval's results and samples into `target`."""
+    """Run `suite` on the model in `path`; write lm-eval's results and samples into `target`.
+
+    `gen_kwargs` update every generation task's own (e.g. a smaller max_gen_toks for a CPU budget).
+    """
     from lm_eval import simple_evaluate
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.models.huggingface import HFLM
@@ -130,6 +134,7 @@ def evaluate(
             log_samples=True,
             evaluation_tracker=tracker,
             apply_chat_template=suite.apply_chat_template,
+            gen_kwargs=gen_kwargs,
         )
         samples = results.pop("samples")
         tracker.save_results_aggregated(results=results, samples=samples)

@@ -7,7 +7,8 @@ Batches are packed rows (see ``merge_xlstm.linearize.data``): ``input_ids``, ``p
 to 0 at each document start, so neither teacher nor student attends across documents) and
 ``labels`` (``input_ids`` with -100 at each document's first token, so no position is trained to
 predict the next document). Stored teacher targets add ``topk_logprobs`` / ``topk_indices``
-(B, T, k): the teacher's next-token distribution at position t, aligned with the logits at t.
+(B, T, k): the teacher's next-token distribution at position t, aligned with the logits at t; with
+online targets the live teacher supplies them per batch (``merge_xlstm.linearize.targets``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from merge_xlstm.linearize.targets import teacher_topk
 from merge_xlstm.recipe import Stage2Spec
 from merge_xlstm.registry import Registry
 
@@ -69,10 +71,13 @@ class SparseKDLoss:
         self.ce_weight = spec.ce_weight
         self.kl_weight = spec.kl_weight
         self.temperature = spec.temperature
+        self.top_k = spec.top_k
 
     def __call__(
         self, student: nn.Module, batch: dict[str, Tensor], *, step: int, teacher: nn.Module | None = None
     ) -> tuple[Tensor, dict[str, float]]:
+        if "topk_logprobs" not in batch:  # online targets (stage2.targets: online): the live teacher's top-k
+            batch = {**batch, **teacher_topk(teacher, batch["input_ids"], batch["position_ids"], self.top_k)}
         logits = student(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         mask = next_token_mask(batch["labels"])
         n = mask.sum().clamp_min(1)

@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from merge_xlstm.digests import content_digest
 from merge_xlstm.errors import UserError
 from merge_xlstm.io import atomic_dir, to_json
-from merge_xlstm.linearize.data import build_packed_dataset
+from merge_xlstm.linearize.data import PackedData, build_packed_dataset
 from merge_xlstm.linearize.preflight import check_before_work, targets_dir, training_rows
 from merge_xlstm.linearize.report import (
     long_context_report,
@@ -43,9 +44,10 @@ from merge_xlstm.linearize.report import (
     plot_losses,
     validation_metrics,
 )
+from merge_xlstm.linearize.sharding import gathered
 from merge_xlstm.linearize.stage1 import run_stage1
 from merge_xlstm.linearize.stage2 import run_stage2, total_steps
-from merge_xlstm.linearize.targets import WithTargets, compute_targets
+from merge_xlstm.linearize.targets import TARGET_MODES, WithTargets, compute_targets
 from merge_xlstm.linearize.training import MetricsLog, make_accelerator, num_steps
 from merge_xlstm.provenance import read_metadata, weights_digest, write_metadata
 from merge_xlstm.recipe import LinearizeRecipe, load_linearize_recipe
@@ -63,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
         for spec in (recipe.stage1, recipe.stage2):
             if spec is not None:
                 spec.tokens = max(1, math.ceil(spec.tokens * args.tokens_scale))
-    linearize(recipe, device=args.device, source=args.recipe)
+    (build_seed if args.seed_only else linearize)(recipe, device=args.device, source=args.recipe)
     return 0
 
 
@@ -77,12 +79,10 @@ def linearize(recipe: LinearizeRecipe, *, device: str | None = None, source: str
     `source` is the recipe's file, named in errors about its fields.
     """
     output = Path(recipe.output)
-    teacher_dir = resolve_teacher(recipe.teacher)
-    teacher_digest = content_digest(teacher_dir, cache_dir())
-    # The report's long-context budget does not change the weights, so it is not part of the key.
-    recipe_key = fingerprint({"recipe": recipe.model_dump(exclude={"longctx"}), "teacher": teacher_digest})
+    teacher_dir, teacher_digest = teacher_content(recipe)
+    key = recipe_key(recipe, teacher_digest)
     existing = read_metadata(output)
-    if existing.get("kind") == "expert" and existing.get("recipe_key") == recipe_key:
+    if existing.get("kind") == "expert" and existing.get("recipe_key") == key:
         print(f"{output}: already linearized with this recipe; nothing to do")
         return output
     if output.exists():
@@ -91,32 +91,27 @@ def linearize(recipe: LinearizeRecipe, *, device: str | None = None, source: str
     check_before_work(recipe, teacher_dir, teacher_digest, seed_key(recipe, teacher_digest), cache_dir(), source)
 
     accelerator = make_accelerator(device, recipe.precision)
-    teacher_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-    teacher, tokenizer = load_teacher(teacher_dir, dtype=teacher_dtype, device=accelerator.device)
+    teacher, tokenizer = recipe_teacher(recipe, accelerator)
     seq_len = recipe.data.seq_len
-    rows1, rows2 = training_rows(recipe)
-    try:
-        data = build_packed_dataset(
-            recipe.data, tokenizer, num_tokens=max(rows1, rows2) * seq_len, seed=recipe.random_seed,
-            cache_dir=cache_dir() / "data",
-        )
-    except UserError as exc:  # names a field of the recipe (data.sources[0]): add the recipe file
-        raise exc.located_in(source) if source else exc from None
+    data = recipe_data(recipe, tokenizer, source)
     seed_reused = read_metadata(recipe.seed).get("kind") == "seed"
     seed_dir = ensure_seed(recipe, teacher, tokenizer, data.train, accelerator, teacher_digest)
     seed_meta = read_metadata(seed_dir)
 
-    targets = targets_dir(cache_dir(), teacher_digest, data.fingerprint, recipe.stage2.top_k)
-    for split, rows, n in (("train", data.train, rows2), ("validation", data.validation, len(data.validation))):
-        if recipe.student.kind == "hybrid" or split == "validation":
-            compute_targets(teacher, rows, rows=n, top_k=recipe.stage2.top_k, directory=targets, split=split,
-                            accelerator=accelerator)
-    live_teacher = teacher if recipe.student.kind == "distil_xlstm" else None
+    spec = recipe.stage2
+    targets = recipe_targets(recipe, data, teacher_digest)
+    compute_targets(teacher, data.validation, rows=len(data.validation), top_k=spec.top_k, directory=targets,
+                    split="validation", accelerator=accelerator, dtype=spec.targets_dtype)  # fmt: skip
+    if recipe.student.kind == "hybrid":  # stored or online top-k targets; Distil-xLSTM's loss needs the teacher
+        train_rows, live_teacher = TARGET_MODES.get(spec.targets)(
+            teacher, data.train, count=training_rows(recipe)[1], spec=spec, directory=targets, accelerator=accelerator
+        )
+    else:
+        train_rows, live_teacher = data.train, teacher
     if live_teacher is None:
-        del teacher  # stage II of the hybrid student reads stored targets only
+        del teacher  # stage II from stored targets needs no teacher
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    train_rows = WithTargets(data.train, targets, "train") if recipe.student.kind == "hybrid" else data.train
 
     work = output.with_name(output.name + ".partial")
     # Safetensors only, never the directory's own code: the seed is a file anyone may have replaced.
@@ -136,7 +131,7 @@ def linearize(recipe: LinearizeRecipe, *, device: str | None = None, source: str
             "seed_id": seed_meta["seed_id"],
             "seed_path": str(seed_dir),
             "seed_reused": seed_reused,
-            "recipe_key": recipe_key,
+            "recipe_key": key,
             "teacher": recipe.teacher,
             "teacher_digest": teacher_digest,
             "tokens": {"stage1": seed_meta.get("tokens", {}).get("stage1"),
@@ -154,9 +149,71 @@ def linearize(recipe: LinearizeRecipe, *, device: str | None = None, source: str
     return output
 
 
+def build_seed(recipe: LinearizeRecipe, *, device: str | None = None, source: str | None = None) -> Path:
+    """Only the shared seed (stage I, or reuse it): what `run` builds once before experts run in parallel."""
+    teacher_dir, teacher_digest = teacher_content(recipe)
+    check_before_work(recipe, teacher_dir, teacher_digest, seed_key(recipe, teacher_digest), cache_dir(), source)
+    if (seed_dir := _reused_seed(recipe)) is not None:
+        return seed_dir
+    accelerator = make_accelerator(device, recipe.precision)
+    teacher, tokenizer = recipe_teacher(recipe, accelerator)
+    data = recipe_data(recipe, tokenizer, source)
+    return ensure_seed(recipe, teacher, tokenizer, data.train, accelerator, teacher_digest)
+
+
+def teacher_content(recipe: LinearizeRecipe) -> tuple[Path, str]:
+    """The recipe's teacher directory and the digest of its content (config, weights, tokenizer files)."""
+    teacher_dir = resolve_teacher(recipe.teacher)
+    return teacher_dir, content_digest(teacher_dir, cache_dir())
+
+
+def recipe_key(recipe: LinearizeRecipe, teacher_digest: str) -> str:
+    """What an expert was made from: the recipe and its teacher's content. The report's long-context
+    budget does not change the weights, so it is not part of the key."""
+    return fingerprint({"recipe": recipe.model_dump(exclude={"longctx"}), "teacher": teacher_digest})
+
+
 def seed_key(recipe: LinearizeRecipe, teacher_digest: str) -> str:
     """What makes two recipes' seeds interchangeable: the teacher's content and the student options."""
     return fingerprint({"teacher": teacher_digest, "student": recipe.student.model_dump()})
+
+
+def recipe_teacher(recipe: LinearizeRecipe, accelerator: Accelerator) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The recipe's teacher on the accelerator's device: bf16 where training autocasts to bf16, else fp32."""
+    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+    return load_teacher(resolve_teacher(recipe.teacher), dtype=dtype, device=accelerator.device)
+
+
+def recipe_data(recipe: LinearizeRecipe, tokenizer: PreTrainedTokenizerBase, source: str | None = None) -> PackedData:
+    """The recipe's packed rows: enough for the longer stage, validation rows held out (cached)."""
+    try:
+        return build_packed_dataset(
+            recipe.data, tokenizer, num_tokens=max(training_rows(recipe)) * recipe.data.seq_len,
+            seed=recipe.random_seed, cache_dir=cache_dir() / "data",
+        )
+    except UserError as exc:  # names a field of the recipe (data.sources[0]): add the recipe file
+        raise exc.located_in(source) if source else exc from None
+
+
+def recipe_targets(recipe: LinearizeRecipe, data: PackedData, teacher_digest: str | None = None) -> Path:
+    """Where the teacher's top-k targets of the recipe's `data` live (keyed by teacher content, rows, k, dtype)."""
+    digest = teacher_digest or teacher_content(recipe)[1]
+    spec = recipe.stage2
+    return targets_dir(cache_dir(), digest, data.fingerprint, spec.top_k, spec.targets_dtype)
+
+
+def _reused_seed(recipe: LinearizeRecipe, say: Callable[[str], None] = print) -> Path | None:
+    """The recipe's seed directory if the seed exists (checked against this teacher and student before any
+    work, by preflight), else None."""
+    seed_dir = Path(recipe.seed)
+    meta = read_metadata(seed_dir)
+    if meta.get("kind") != "seed":
+        return None
+    note = ""
+    if meta.get("stage1") != (recipe.stage1.model_dump() if recipe.stage1 else None):
+        note = "; this recipe's stage1 block differs and is not used"
+    say(f"{seed_dir}: reusing the shared seed (stage I: {meta['tokens']['stage1']} tokens){note}")
+    return seed_dir
 
 
 def ensure_seed(
@@ -171,15 +228,9 @@ def ensure_seed(
 
     An existing seed was checked against this teacher and these student options before any work.
     """
+    if (existing := _reused_seed(recipe, say=accelerator.print)) is not None:
+        return existing
     seed_dir = Path(recipe.seed)
-    meta = read_metadata(seed_dir)
-    if meta.get("kind") == "seed":
-        note = ""
-        if meta.get("stage1") != (recipe.stage1.model_dump() if recipe.stage1 else None):
-            note = "; this recipe's stage1 block differs and is not used"
-        accelerator.print(f"{seed_dir}: reusing the shared seed (stage I: {meta['tokens']['stage1']} tokens){note}")
-        return seed_dir
-
     torch.manual_seed(recipe.random_seed)
     options = recipe.student.model_dump()
     student = from_teacher(teacher, **options).to(torch.float32)
@@ -187,6 +238,7 @@ def ensure_seed(
     stage1_tokens = 0
     if recipe.stage1 is not None:
         run_stage1(recipe, teacher=teacher, student=student, dataset=dataset, accelerator=accelerator, work_dir=work)
+        student = gathered(student)  # FSDP: full weights, one plain model per rank
         stage1_tokens = num_steps(recipe.stage1, recipe.data.seq_len) * recipe.stage1.batch_size * recipe.data.seq_len
     if accelerator.is_main_process:
         record = {

@@ -50,9 +50,10 @@ def validation_rows(recipe: LinearizeRecipe) -> int:
     return max(1, round(max(training_rows(recipe)) * recipe.data.validation_fraction))
 
 
-def targets_dir(cache: Path, teacher_digest: str, data_key: str, top_k: int) -> Path:
-    """Where the teacher's top-k targets of these packed rows live: keyed by teacher content, rows and k."""
-    key = json.dumps({"teacher": teacher_digest, "data": data_key, "k": top_k}, sort_keys=True)
+def targets_dir(cache: Path, teacher_digest: str, data_key: str, top_k: int, dtype: str) -> Path:
+    """Where the teacher's top-k targets of these packed rows live: keyed by teacher content, rows, k and
+    the stored log-probabilities' dtype."""
+    key = json.dumps({"teacher": teacher_digest, "data": data_key, "k": top_k, "dtype": dtype}, sort_keys=True)
     return cache / "targets" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -95,7 +96,7 @@ def check_budget(
     at: Callable[[str], str],
 ) -> None:
     """Memory for packing the rows, disk for rows, targets, checkpoints and models, minus what exists."""
-    seq_len, top_k = recipe.data.seq_len, recipe.stage2.top_k
+    seq_len, top_k, vocab_size = recipe.data.seq_len, recipe.stage2.top_k, len(tokenizer)
     rows1, rows2 = training_rows(recipe)
     packed_tokens = (max(rows1, rows2) + validation_rows(recipe)) * seq_len
     tokens_field = at("stage1.tokens" if rows1 > rows2 else "stage2.tokens")
@@ -103,13 +104,14 @@ def check_budget(
     packed = (cache / "data" / f"packed-{data_key}").exists()
     if not packed:
         check_free_memory(packed_tokens * PACKING_BYTES_PER_TOKEN, f"packing {packed_tokens:,} tokens", tokens_field)
-    target_rows = validation_rows(recipe) + (rows2 if recipe.student.kind == "hybrid" else 0)
-    stored = targets_dir(cache, teacher_digest, data_key, top_k)
+    stores_train = recipe.student.kind == "hybrid" and recipe.stage2.targets == "stored"  # online: none on disk
+    target_rows = validation_rows(recipe) + (rows2 if stores_train else 0)
+    stored = targets_dir(cache, teacher_digest, data_key, top_k, recipe.stage2.targets_dtype)
     done = sum(f.stat().st_size for f in stored.glob("*.safetensors")) if stored.is_dir() else 0
     model_bytes = teacher_params * FLOAT32_BYTES  # the student has the teacher's size, give or take its mixers
     needs = [
         (cache, 0 if packed else packed_tokens * PACKED_BYTES_PER_TOKEN, "packed rows"),
-        (cache, max(0, target_rows * bytes_per_row(seq_len, top_k) - done), f"top-{top_k} targets"),
+        (cache, max(0, target_rows * bytes_per_row(seq_len, top_k, vocab_size) - done), f"top-{top_k} targets"),
         (Path(recipe.output), model_bytes * STAGE2_MODEL_COPIES, "stage-II checkpoint and expert"),
     ]
     if seed_missing:

@@ -149,8 +149,6 @@ def run_stage1(
     trainable = new_parameters(student)
     for p in trainable:
         p.requires_grad_(True)
-    ids = {id(p) for p in trainable}
-    params = {name: p for name, p in student.named_parameters() if id(p) in ids}
     optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)
     alignment = MixerAlignment(student, spec.loss.model_dump())
     aligner, optimizer = accelerator.prepare(alignment, optimizer)
@@ -170,7 +168,6 @@ def run_stage1(
         stage="stage1",
         accelerator=accelerator,
         model=aligner,
-        params=params,
         optimizer=optimizer,
         spec=spec,
         total_steps=total,

@@ -17,8 +17,10 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from merge_xlstm.errors import UserError
 from merge_xlstm.linearize import distil  # noqa: F401  (registers the delta_distil loss)
 from merge_xlstm.linearize.losses import LOSSES
+from merge_xlstm.linearize.sharding import gathered
 from merge_xlstm.linearize.training import num_steps, train_loop, warmup_constant
 from merge_xlstm.recipe import LinearizeRecipe
 from merge_xlstm.student import new_parameters
@@ -56,6 +58,9 @@ def run_stage2(
     loss_fn = stage2_loss(recipe, per_epoch)
     model = student
     if spec.lora is not None:
+        if accelerator.is_fsdp2:  # the adapters would have to be merged on sharded weights
+            raise UserError("LoRA is not supported under FSDP; train with DDP (configs/accelerate/ddp.yaml)",
+                            where="stage2.lora")
         from peft import LoraConfig, get_peft_model
 
         mixer_params = new_parameters(student) if recipe.student.kind == "hybrid" else []
@@ -75,7 +80,6 @@ def run_stage2(
         stage="stage2",
         accelerator=accelerator,
         model=wrapped,
-        params=params,
         optimizer=optimizer,
         spec=spec,
         total_steps=total,
@@ -86,7 +90,7 @@ def run_stage2(
         step_fn=lambda batch, step: loss_fn(wrapped, batch, step=step, teacher=teacher),
         work_dir=work_dir,
     )
-    model = accelerator.unwrap_model(wrapped)
+    model = gathered(accelerator.unwrap_model(wrapped))  # FSDP: full weights, one plain model per rank
     if spec.lora is not None:
         model = model.merge_and_unload()
     return model.eval()

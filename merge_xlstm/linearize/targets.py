@@ -1,16 +1,27 @@
-"""The teacher's top-k next-token distributions, computed once and stored (REFERENCE.md §2).
+"""The teacher's top-k next-token distributions: stored once on disk, or computed online (REFERENCE.md §2).
 
-Stage II then needs no live teacher. Targets live in a directory of safetensors shards, one per
-`SHARD_ROWS` packed rows: `topk_logprobs` (rows, T, k) float16, `topk_indices` (rows, T, k) int32 and
-`teacher_nll` (rows, T) float32 (the teacher's own loss on the next token, for reporting). Each shard
-is written atomically and existing shards are skipped, so a killed computation resumes; the
-directory is keyed by teacher, data and k, so every run on the same data reuses it.
+Two modes, chosen by ``stage2.targets`` (entries of :data:`TARGET_MODES`):
+
+- ``stored`` (the paper's way): computed once, so stage II needs no live teacher. Targets live in a
+  directory of safetensors shards, one per `SHARD_ROWS` packed rows: ``topk_logprobs`` (rows, T, k) in
+  ``stage2.targets_dtype`` (float16 or bfloat16), ``topk_indices`` (rows, T, k) as uint16 when the
+  vocabulary has at most 65,536 entries (int32 otherwise) and ``teacher_nll`` (rows, T) float32 (the
+  teacher's own loss on the next token, for reporting): k·(2 + 2) + 4 bytes per token, 1,028 at
+  k = 256 (:func:`stored_bytes_per_token`), i.e. 103 GB for 100M tokens instead of the 154 GB of int32
+  indices. Each shard is written atomically and existing shards are skipped, so a killed computation
+  resumes; the directory is keyed by teacher, data, k and dtype, so every run on the same data reuses it.
+- ``online``: the teacher stays loaded in stage II and :func:`teacher_topk` runs on each micro-batch
+  (in float32, nothing rounded): no disk at all, for budgets whose targets would not fit. It costs one
+  teacher forward per training token, the same as storing them once when every row is trained on once.
+
+Validation targets are always stored: they are few, and the report and the merge-weight search read them.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +34,40 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from merge_xlstm.io import atomic_path, write_json
+from merge_xlstm.recipe import Stage2Spec
+from merge_xlstm.registry import Registry
 
 SHARD_ROWS = 64
 DONE = "done.json"
+UINT16_VOCAB = 1 << 16  # indices of a vocabulary up to this size fit in 16 bits
+LOGPROB_BYTES = 2  # float16 or bfloat16
+NLL_BYTES = 4  # float32
+
+
+def stored_bytes_per_token(top_k: int, vocab_size: int) -> int:
+    """Disk bytes per token of stored targets (safetensors headers aside)."""
+    return top_k * (LOGPROB_BYTES + (2 if vocab_size <= UINT16_VOCAB else 4)) + NLL_BYTES
+
+
+def index_dtype(vocab_size: int) -> torch.dtype:
+    return torch.uint16 if vocab_size <= UINT16_VOCAB else torch.int32
 
 
 def shard_path(directory: Path, split: str, index: int) -> Path:
     return directory / f"{split}-{index:05d}.safetensors"
+
+
+@torch.no_grad()
+def teacher_topk(teacher: nn.Module, input_ids: Tensor, position_ids: Tensor, top_k: int) -> dict[str, Tensor]:
+    """The teacher's top-k log-probabilities (float32), their indices (int64) and its next-token NLL.
+
+    Runs under the caller's autocast, as stage II's forward does; a vocabulary may be smaller than k.
+    """
+    logits = teacher(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+    logprobs = F.log_softmax(logits.float(), dim=-1)
+    top = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
+    next_lp = logprobs[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return {"topk_logprobs": top.values, "topk_indices": top.indices, "teacher_nll": F.pad(-next_lp, (0, 1))}
 
 
 @torch.no_grad()
@@ -42,6 +80,7 @@ def compute_targets(
     directory: Path,
     split: str,
     accelerator: Accelerator,
+    dtype: str = "float16",
     micro_batch_size: int = 1,
 ) -> None:
     """Store the teacher's top-k log-probabilities for rows [0, rows) of `dataset` (resumable)."""
@@ -69,13 +108,10 @@ def compute_targets(
             position_ids = torch.stack([torch.as_tensor(it["position_ids"]) for it in items]).to(accelerator.device)
             began = time.perf_counter()
             with accelerator.autocast():
-                logits = teacher(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
-            logprobs = F.log_softmax(logits.float(), dim=-1)
-            top = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)  # a vocabulary may be smaller than k
-            values.append(top.values.half().cpu())
-            indices.append(top.indices.int().cpu())
-            next_lp = logprobs[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-            nll.append(F.pad(-next_lp, (0, 1)).cpu())
+                top = teacher_topk(teacher, input_ids, position_ids, top_k)
+            values.append(top["topk_logprobs"].to(getattr(torch, dtype)).cpu())
+            indices.append(top["topk_indices"].cpu().to(index_dtype(teacher.config.vocab_size)))  # uint16: CPU op
+            nll.append(top["teacher_nll"].cpu())
             bar.update(input_ids.numel())
             bar.set_postfix(tok_s=f"{input_ids.numel() / (time.perf_counter() - began):,.0f}")
         tensors = {"topk_logprobs": torch.cat(values), "topk_indices": torch.cat(indices), "teacher_nll": torch.cat(nll)}
@@ -84,7 +120,7 @@ def compute_targets(
     bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json(done_file, {"rows": rows, "top_k": top_k, "shard_rows": SHARD_ROWS})
+        write_json(done_file, {"rows": rows, "top_k": top_k, "shard_rows": SHARD_ROWS, "dtype": dtype})
 
 
 class WithTargets:
@@ -103,9 +139,32 @@ class WithTargets:
         with safe_open(shard_path(self.directory, self.split, shard), framework="pt") as handle:
             for key in ("topk_logprobs", "topk_indices", "teacher_nll"):
                 item[key] = handle.get_slice(key)[offset : offset + 1][0]
+        item["topk_indices"] = item["topk_indices"].long()  # stored compactly; gather wants int64
         return item
 
 
-def bytes_per_row(seq_len: int, top_k: int) -> int:
-    """Disk bytes of one packed row's stored targets: fp16 log-probs and int32 indices per kept token, fp32 NLL."""
-    return seq_len * (top_k * (2 + 4) + 4)
+def bytes_per_row(seq_len: int, top_k: int, vocab_size: int) -> int:
+    """Disk bytes of one packed row's stored targets: 2-byte log-probs, uint16 (or int32) indices, fp32 NLL."""
+    index_bytes = torch.empty((), dtype=index_dtype(vocab_size)).element_size()
+    return seq_len * (top_k * (2 + index_bytes) + 4)
+
+
+# ------------------------------------------------------------------------------------------ modes
+TargetMode = Callable[..., tuple[Any, nn.Module | None]]
+TARGET_MODES: Registry[TargetMode] = Registry("stage-2 target mode")
+
+
+@TARGET_MODES.register("stored")
+def stored_targets(
+    teacher: nn.Module, rows: Any, *, count: int, spec: Stage2Spec, directory: Path, accelerator: Accelerator
+) -> tuple[Any, nn.Module | None]:
+    """Compute the training rows' targets once (resumable), then train from disk with no teacher."""
+    compute_targets(teacher, rows, rows=count, top_k=spec.top_k, directory=directory, split="train",
+                    accelerator=accelerator, dtype=spec.targets_dtype)
+    return WithTargets(rows, directory, "train"), None
+
+
+@TARGET_MODES.register("online")
+def online_targets(teacher: nn.Module, rows: Any, **_: Any) -> tuple[Any, nn.Module | None]:
+    """Keep the teacher: the stage-II loss asks it for each batch's top-k (see SparseKDLoss)."""
+    return rows, teacher

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from merge_xlstm.errors import UserError
 from merge_xlstm.io import atomic_dir, atomic_file, to_json
+from merge_xlstm.linearize.sharding import clip_grad_norm_, full, like, reshard
 from merge_xlstm.recipe import OptimSpec
 
 CHECKPOINT = "checkpoint"
@@ -75,9 +76,14 @@ def micro_batches(
 
 @dataclass
 class Checkpoint:
-    """The latest resumable state of one stage, in `<work dir>/checkpoint/`."""
+    """The latest resumable state of one stage, in `<work dir>/checkpoint/`.
+
+    Tensors are saved whole, gathered from FSDP's shards on every rank and written by the `main`
+    process alone; every rank loads them and keeps its own shard (merge_xlstm.linearize.sharding).
+    """
 
     directory: Path
+    main: bool = True
 
     @property
     def path(self) -> Path:
@@ -91,12 +97,14 @@ class Checkpoint:
         tensors = load_file(self.path / "params.safetensors")
         with torch.no_grad():
             for name, p in params.items():
-                p.copy_(tensors[name].to(p.device, p.dtype))
+                p.copy_(like(tensors[name], p))
         opt_tensors = load_file(self.path / "optimizer.safetensors")
+        by_index = [p for group in optimizer.param_groups for p in group["params"]]
         state: dict[int, dict[str, Any]] = {}
         for key, tensor in opt_tensors.items():
             idx, field = key.split(".", 1)
-            state.setdefault(int(idx), {})[field] = tensor
+            param = by_index[int(idx)]  # moments are shaped (and sharded) like their parameter; `step` is a scalar
+            state.setdefault(int(idx), {})[field] = like(tensor, param) if tensor.shape == param.shape else tensor
         for idx, scalars in meta["optimizer_scalars"].items():
             state.setdefault(int(idx), {}).update(scalars)
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
@@ -108,12 +116,15 @@ class Checkpoint:
         for idx, fields in opt["state"].items():
             for field, value in fields.items():
                 if isinstance(value, Tensor):
-                    tensors[f"{idx}.{field}"] = value.detach().cpu().contiguous()
+                    tensors[f"{idx}.{field}"] = full(value)  # every rank takes part in FSDP's gather
                 else:
                     scalars.setdefault(str(idx), {})[field] = value
+        whole = {n: full(p) for n, p in params.items()}
+        if not self.main:
+            return
         with atomic_dir(self.path, overwrite=True) as tmp:
-            save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, tmp / "params.safetensors")
-            save_file(tensors, tmp / "optimizer.safetensors")
+            save_file({n: t.detach().cpu().contiguous() for n, t in whole.items()}, tmp / "params.safetensors")
+            save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, tmp / "optimizer.safetensors")
             meta = {"step": step, "param_groups": opt["param_groups"], "optimizer_scalars": scalars}
             (tmp / "state.json").write_text(json.dumps(meta))
 
@@ -149,7 +160,6 @@ def train_loop(
     stage: str,
     accelerator: Accelerator,
     model: nn.Module,
-    params: dict[str, nn.Parameter],
     optimizer: torch.optim.Optimizer,
     spec: OptimSpec,
     total_steps: int,
@@ -168,9 +178,11 @@ def train_loop(
     applies it, so no checkpoint and no result ever holds what a diverged step made.
 
     `step_fn(micro_batch, step)` returns the micro-batch's loss (mean over its tokens) and its parts;
-    micro-batch losses are averaged into one optimizer step of `spec.batch_size` rows.
+    micro-batch losses are averaged into one optimizer step of `spec.batch_size` rows. The trained
+    parameters are the prepared model's own (`requires_grad`): FSDP replaces the parameter objects.
     """
-    checkpoint = Checkpoint(work_dir / stage)
+    params = {name: p for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+    checkpoint = Checkpoint(work_dir / stage, main=accelerator.is_main_process)
     start = checkpoint.load(params, optimizer)
     log = MetricsLog(work_dir / "metrics.jsonl", stage=stage, resume_step=start)
     if start >= total_steps:
@@ -197,7 +209,7 @@ def train_loop(
             for key, value in {"loss": loss.item(), **parts}.items():
                 sums[key] = sums.get(key, 0.0) + value / len(batches)
         # One host sync per step: the global norm, the same on every process, so all of them stop together.
-        grad_norm = float(accelerator.clip_grad_norm_(list(params.values()), spec.grad_clip))
+        grad_norm = float(clip_grad_norm_(accelerator, list(params.values()), spec.grad_clip))
         if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
             bar.close()  # the error goes on a line of its own
             raise diverged(stage, step + 1, f"loss {sums['loss']:g}, gradient norm {grad_norm:g}", checkpoint, saved)
@@ -207,20 +219,29 @@ def train_loop(
         done = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-        if done % spec.log_every == 0 or done == total_steps or step == start:
+        if done % spec.log_every == 0 or done == total_steps or done == 1:  # a resumed run logs what an unbroken one does
+            sums = _mean_over_processes(accelerator, sums)
             if accelerator.is_main_process:
                 log.write({"step": done, "tokens": done * tokens_per_step, "lr": lr,
                            "grad_norm": grad_norm, "tokens_per_s": tok_s, **sums})
         if done % spec.save_every == 0 and done < total_steps:
-            if accelerator.is_main_process:
-                checkpoint.save(params, optimizer, done)
+            checkpoint.save(params, optimizer, done)
             saved = done
     bar.close()
     # The last update has no next step to show its loss: one more forward on its last micro-batch does.
     with torch.no_grad(), accelerator.autocast():
         final = float(accelerator.reduce(step_fn(batches[-1], total_steps - 1)[0].detach(), reduction="sum"))
+    reshard(model)
     if not math.isfinite(final):
         raise diverged(stage, total_steps, f"loss {final:g} after its update", checkpoint, saved)
+
+
+def _mean_over_processes(accelerator: Accelerator, values: dict[str, float]) -> dict[str, float]:
+    """Each process saw its share of the global batch: the logged loss is the mean over all of them."""
+    if accelerator.num_processes == 1:
+        return values
+    means = accelerator.reduce(torch.tensor(list(values.values()), device=accelerator.device), reduction="mean")
+    return dict(zip(values, means.tolist()))
 
 
 def diverged(stage: str, step: int, what: str, checkpoint: Checkpoint, saved: int) -> UserError:

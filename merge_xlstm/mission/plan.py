@@ -1,0 +1,74 @@
+"""The run's steps in order (see steps.py for what a step is): training, evaluations, search, merges, report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from merge_xlstm.linearize.pipeline import build_seed, linearize, recipe_key, seed_key, teacher_content
+from merge_xlstm.linearize.stage2 import steps_per_epoch, total_steps
+from merge_xlstm.linearize.training import num_steps
+from merge_xlstm.mission import evaluation, weights
+from merge_xlstm.mission.report import report_step
+from merge_xlstm.mission.spec import Mission
+from merge_xlstm.mission.steps import Step, memo, merged_label
+from merge_xlstm.provenance import read_metadata
+
+
+def build_steps(mission: Mission, device: str | None) -> list[Step]:
+    """Every step of the run, in an order that respects their dependencies."""
+    steps: list[Step] = [_seed_step(mission, device)]
+    steps += [_expert_step(mission, name, device) for name in mission.domains]
+    models = {"teacher": (mission.first.teacher, ())}
+    models |= {name: (recipe.output, (f"expert:{name}",)) for name, recipe in mission.domains.items()}
+    merges = {name: mission.merge_output(name) for name in mission.pipeline.merge.evaluate}
+    models |= {merged_label(name): (output, (f"merge:{name}",)) for name, output in merges.items()}
+    evals = [evaluation.eval_step(mission, label, path, deps, device) for label, (path, deps) in models.items()]
+    before_merge = [s for s in evals if not s.deps or s.deps[0].startswith("expert:")]
+    steps += before_merge
+    steps.append(weights.search_step(mission, device))
+    steps += weights.merge_steps(mission)
+    steps += [s for s in evals if s not in before_merge]
+    steps.append(report_step(mission, steps, models))
+    return steps
+
+
+# ------------------------------------------------------------------------------ seed and experts
+def _seed_step(mission: Mission, device: str | None) -> Step:
+    recipe = mission.first
+    key = memo(lambda: seed_key(recipe, teacher_content(recipe)[1]))
+
+    def done(key: str) -> bool:
+        meta = read_metadata(recipe.seed)
+        return meta.get("kind") == "seed" and meta.get("seed_key") == key
+
+    def run(key: str) -> None:
+        build_seed(recipe, device=device)
+
+    return Step("seed", "train", (), key, done, run, budget=_stage_tokens(recipe, seed=True))
+
+
+def _expert_step(mission: Mission, name: str, device: str | None) -> Step:
+    recipe = mission.domains[name]
+    key = memo(lambda: recipe_key(recipe, teacher_content(recipe)[1]))  # linearize's own
+
+    def done(key: str) -> bool:
+        meta = read_metadata(recipe.output)
+        return meta.get("kind") == "expert" and meta.get("recipe_key") == key
+
+    def run(key: str) -> None:
+        linearize(recipe, device=device)
+
+    return Step(f"expert:{name}", "train", ("seed",), key, done, run, budget=_stage_tokens(recipe, seed=False))
+
+
+def _stage_tokens(recipe: Any, *, seed: bool) -> dict[str, int]:
+    """Tokens each stage of this step processes (what the dry run turns into time)."""
+    seq_len = recipe.data.seq_len
+    if seed:
+        return {"stage1": num_steps(recipe.stage1, seq_len) * recipe.stage1.batch_size * seq_len if recipe.stage1 else 0}
+    rows = steps_per_epoch(recipe) * recipe.stage2.batch_size
+    validation = max(1, round(rows * recipe.data.validation_fraction))
+    stored = recipe.student.kind == "hybrid" and recipe.stage2.targets == "stored"
+    return {"targets": ((rows if stored else 0) + validation) * seq_len,
+            "stage2": total_steps(recipe) * recipe.stage2.batch_size * seq_len,
+            "online_targets": 0 if stored else total_steps(recipe) * recipe.stage2.batch_size * seq_len}
