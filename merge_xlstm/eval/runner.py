@@ -118,6 +118,8 @@ def evaluate(
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.models.huggingface import HFLM
 
+    import merge_xlstm.student  # noqa: F401  (registers the student model types with Auto*)
+
     # fp32 on CPU, where bf16 matmuls are slow and add rounding; bf16 on GPUs. Same for every model.
     lm = HFLM(pretrained=str(path), backend="causal", device=device, batch_size=batch_size,
               dtype="float32" if device == "cpu" else "bfloat16", use_safetensors=True, trust_remote_code=False)  # fmt: skip

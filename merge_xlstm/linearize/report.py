@@ -195,7 +195,7 @@ def model_card(
         "---",
         f"# {name}: a merge-xlstm {recipe['student'].get('kind', 'hybrid')} student of {recipe['teacher']}",
         "",
-        "Load with `import merge_xlstm` first (it registers the model type), then "
+        "Load with `import merge_xlstm.student` first (it registers the model type), then "
         "`AutoModelForCausalLM.from_pretrained(<this dir>)`.",
         "",
         "## Provenance",

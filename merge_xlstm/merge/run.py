@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
+import merge_xlstm.student  # noqa: F401  (experts are students: registers their types with AutoConfig)
 from merge_xlstm.errors import UserError
 from merge_xlstm.io import atomic_dir
 from merge_xlstm.merge.card import merged_record, model_card

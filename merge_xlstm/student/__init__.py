@@ -1,7 +1,8 @@
 """Students: `from_teacher(teacher, kind=..., **options)` converts a teacher into a student.
 
 Importing this package registers every student model type with transformers' Auto classes, so
-``AutoModelForCausalLM.from_pretrained(student_dir)`` works after ``import merge_xlstm``.
+``AutoModelForCausalLM.from_pretrained(student_dir)`` works after ``import merge_xlstm.student``
+(``import merge_xlstm`` alone stays light, for the command line).
 """
 
 from __future__ import annotations
