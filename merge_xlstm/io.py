@@ -55,12 +55,12 @@ def remove_stale_temporaries(target: str | os.PathLike[str]) -> None:
     target = Path(target)
     if not target.parent.is_dir():
         return
-    for kind in ("tmp", "old"):
-        for leftover in target.parent.glob(f".{target.name}.{kind}-*"):
-            pid = leftover.name.removeprefix(f".{target.name}.{kind}-").split("-", 1)[0]
+    for role in ("tmp", "old"):
+        for leftover in target.parent.glob(f".{target.name}.{role}-*"):
+            pid = leftover.name.removeprefix(f".{target.name}.{role}-").split("-", 1)[0]
             if not pid.isdigit() or _pid_runs(int(pid)):
                 continue
-            if kind == "old" and not target.exists():
+            if role == "old" and not target.exists():
                 os.replace(leftover, target)
             elif leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from merge_xlstm.errors import UserError
+from merge_xlstm.kinds import STUDENT_KINDS, HybridStudent, Strict
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PACKAGED_PREFIX = "packaged:"
@@ -25,53 +26,10 @@ LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".gz", ".csv")
 MAX_LR = 3.4028234663852886e38 / 10
 
 
-class Strict(BaseModel):
-    """Base for every recipe section: unknown keys are refused."""
-
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-
-# --------------------------------------------------------------------------------------- student
-class HybridStudent(Strict):
-    """The xLSTM + sliding-window-attention student of paper A (REFERENCE.md §1)."""
-
-    kind: Literal["hybrid"] = "hybrid"
-    mixer: Literal["hybrid", "mlstm", "swa"] = "hybrid"
-    window_size: int = Field(512, ge=1, description="SWA window W in tokens (keys t-W+1..t).")
-    num_sink_tokens: int = Field(4, ge=0, description="First tokens of each document every query also sees.")
-    feature_dim: int | None = Field(
-        None, ge=1, description="Size of the softmax feature map phi per head; default: the head dim."
-    )
-    mlstm_rope: bool = Field(
-        False, description="Feed RoPE-rotated q/k to the mLSTM branch (SWA always uses RoPE)."
-    )
-    memory_outside_window: bool = Field(
-        True, description="Mix the mLSTM in only where the window no longer covers the document (SWA is exact there)."
-    )
-    forget_bias: tuple[float, float] = Field(
-        (3.0, 6.0), description="Initial forget-gate biases, spread linearly over the heads (memory length)."
-    )
-
-
-class DistilXLSTMStudent(Strict):
-    """The Distil-xLSTM student of paper B (REFERENCE.md §5): a fresh xLSTM block stack."""
-
-    kind: Literal["distil_xlstm"]
-    num_blocks: int = Field(6, ge=1)
-    slstm_at: list[int] = Field(default_factory=lambda: [0, 2, 4])
-    num_heads: int = Field(4, ge=1)
-
-    @model_validator(mode="after")
-    def _slstm_in_range(self) -> "DistilXLSTMStudent":
-        bad = [i for i in self.slstm_at if not 0 <= i < self.num_blocks]
-        if bad:
-            raise ValueError(f"slstm_at entries must lie in [0, {self.num_blocks}), got {bad}")
-        return self
-
-
-StudentSpec = Annotated[HybridStudent | DistilXLSTMStudent, Field(discriminator="kind")]
-# The literal `kind` of each member of the StudentSpec union, for messages.
-STUDENT_KINDS = tuple(get_args(kind.model_fields["kind"].annotation)[0] for kind in get_args(get_args(StudentSpec)[0]))
+# The student: each kind is one object of merge_xlstm.kinds (its schema, builder, loss and stages).
+KIND_NAMES = tuple(STUDENT_KINDS.in_order())  # the default kind first, in messages too
+StudentSpec = Annotated[Union[tuple(STUDENT_KINDS.get(name) for name in KIND_NAMES)],  # noqa: UP007
+                        Field(discriminator="kind")]
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -256,23 +214,19 @@ class LinearizeRecipe(Strict):
 
     @model_validator(mode="after")
     def _stages_fit_student(self) -> "LinearizeRecipe":
-        if self.student.kind == "distil_xlstm":
-            if self.stage1 is not None:
-                raise ValueError("stage1: hidden-state alignment does not apply to student kind distil_xlstm; remove it")
-            if self.stage2.distil is None:
-                self.stage2.distil = DistilSchedule()
-        else:
-            if self.stage1 is None:
-                raise ValueError("stage1: required for student kind hybrid")
-            if self.student.mixer != "hybrid":  # the split terms need both branches and a gate
-                loss = self.stage1.loss
-                asked = [t for t in ("gate", "memory") if t in loss.model_fields_set and getattr(loss, t) > 0]
-                if asked:
-                    raise ValueError(f"stage1.loss.{asked[0]}: needs student.mixer hybrid (both branches and a "
-                                     f"gate), got {self.student.mixer!r}; set it to 0")
-                loss.gate = loss.memory = 0.0
-            if self.stage2.distil is not None:
-                raise ValueError("stage2.distil: the Delta schedule applies to student kind distil_xlstm only")
+        """The stages the student's kind has, and the settings its kind takes (the kind answers, by its class)."""
+        kind = self.student
+        if self.stage1 is not None and not kind.has_stage1:
+            raise ValueError(f"stage1: hidden-state alignment does not apply to student kind {kind.kind}; remove it")
+        if self.stage1 is None and kind.has_stage1:
+            raise ValueError(f"stage1: required for student kind {kind.kind}")
+        if self.stage1 is not None:
+            kind.fit_stage1_loss(self.stage1.loss)
+        if kind.delta_schedule:
+            self.stage2.distil = self.stage2.distil or DistilSchedule()
+        elif self.stage2.distil is not None:
+            takers = ", ".join(n for n in KIND_NAMES if STUDENT_KINDS.get(n).delta_schedule)
+            raise ValueError(f"stage2.distil: the Delta schedule applies to student kind {takers} only")
         return self
 
 
@@ -317,9 +271,9 @@ def format_validation_error(err: ValidationError) -> str:
     errors = err.errors()
     # An unknown key is usually a typo, which also makes the field it meant look missing: name it first.
     first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    field = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and p in STUDENT_KINDS))
+    field = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and p in KIND_NAMES))
     msg = first["msg"].removeprefix("Value error, ")
-    kinds = ", ".join(STUDENT_KINDS)
+    kinds = ", ".join(KIND_NAMES)
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     elif first["type"] == "missing":

@@ -45,3 +45,7 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+    def in_order(self) -> list[str]:
+        """The names in the order they were registered (where the first is a default, say)."""
+        return list(self._entries)

@@ -24,7 +24,7 @@ from merge_xlstm.errors import UserError
 from merge_xlstm.io import atomic_dir
 from merge_xlstm.recipe import HUB_ID
 from merge_xlstm.registry import Registry
-from merge_xlstm.student.families import FAMILIES
+from merge_xlstm.student.families import supported_family
 
 # What a teacher snapshot needs; other weight formats (.bin pickles, GGUF, ONNX) are never fetched.
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
@@ -160,10 +160,7 @@ def teacher_family(model_dir: str | os.PathLike[str], *, where: str | None = Non
         raise UserError("not a model directory (no config.json)", where=where) from None
     except (json.JSONDecodeError, AttributeError):
         raise UserError("config.json is not a JSON object", where=where) from None
-    if model_type not in FAMILIES:
-        supported = ", ".join(FAMILIES.names())
-        raise UserError(f"teacher model_type {model_type!r} is not supported (supported: {supported})", where=where)
-    return model_type
+    return supported_family(model_type, where=where)
 
 
 def load_teacher(

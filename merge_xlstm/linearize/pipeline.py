@@ -51,7 +51,6 @@ from merge_xlstm.linearize.targets import TARGET_MODES, WithTargets, compute_tar
 from merge_xlstm.linearize.training import MetricsLog, make_accelerator, num_steps
 from merge_xlstm.provenance import read_metadata, weights_digest, write_metadata
 from merge_xlstm.recipe import LinearizeRecipe, load_linearize_recipe
-from merge_xlstm.student import from_teacher
 from merge_xlstm.teacher import cache_dir, load_teacher, resolve_teacher
 
 METRICS = "metrics.jsonl"
@@ -102,7 +101,7 @@ def linearize(recipe: LinearizeRecipe, *, device: str | None = None, source: str
     targets = recipe_targets(recipe, data, teacher_digest)
     compute_targets(teacher, data.validation, rows=len(data.validation), top_k=spec.top_k, directory=targets,
                     split="validation", accelerator=accelerator, dtype=spec.targets_dtype)  # fmt: skip
-    if recipe.student.kind == "hybrid":  # stored or online top-k targets; Distil-xLSTM's loss needs the teacher
+    if recipe.student.trains_from_targets():  # stored or online top-k; else the kind's loss needs the teacher
         train_rows, live_teacher = TARGET_MODES.get(spec.targets)(
             teacher, data.train, count=training_rows(recipe)[1], spec=spec, directory=targets, accelerator=accelerator
         )
@@ -232,8 +231,7 @@ def ensure_seed(
         return existing
     seed_dir = Path(recipe.seed)
     torch.manual_seed(recipe.random_seed)
-    options = recipe.student.model_dump()
-    student = from_teacher(teacher, **options).to(torch.float32)
+    student = recipe.student.build(teacher).to(torch.float32)
     work = seed_dir.with_name(seed_dir.name + ".partial")
     stage1_tokens = 0
     if recipe.stage1 is not None:
@@ -246,7 +244,7 @@ def ensure_seed(
             "seed_key": seed_key(recipe, teacher_digest),
             "teacher": recipe.teacher,
             "teacher_digest": teacher_digest,
-            "student": options,
+            "student": recipe.student.model_dump(),
             "stage1": recipe.stage1.model_dump() if recipe.stage1 else None,
             "tokens": {"stage1": stage1_tokens},
         }

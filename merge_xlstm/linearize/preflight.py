@@ -104,7 +104,7 @@ def check_budget(
     packed = (cache / "data" / f"packed-{data_key}").exists()
     if not packed:
         check_free_memory(packed_tokens * PACKING_BYTES_PER_TOKEN, f"packing {packed_tokens:,} tokens", tokens_field)
-    stores_train = recipe.student.kind == "hybrid" and recipe.stage2.targets == "stored"  # online: none on disk
+    stores_train = recipe.student.trains_from_targets() and recipe.stage2.targets == "stored"  # online: none on disk
     target_rows = validation_rows(recipe) + (rows2 if stores_train else 0)
     stored = targets_dir(cache, teacher_digest, data_key, top_k, recipe.stage2.targets_dtype)
     done = sum(f.stat().st_size for f in stored.glob("*.safetensors")) if stored.is_dir() else 0

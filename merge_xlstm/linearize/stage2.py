@@ -1,6 +1,6 @@
 """Stage II: distil the whole student on the domain's data (REFERENCE.md §2 and §5).
 
-The loss is a registry entry chosen by student kind: `sparse_kd` (paper A: γ·CE + β·KL on the
+The loss is a registry entry the student's kind names (`merge_xlstm.kinds`): `sparse_kd` (paper A: γ·CE + β·KL on the
 teacher's stored top-k) for the hybrid student, `delta_distil` (paper B: annealed CE/KL + Frobenius,
 with a live teacher) for Distil-xLSTM. Full fine-tuning by default (it beat LoRA in paper A); with
 `stage2.lora` the teacher-copied linear layers get LoRA adapters (peft) while the new mixer
@@ -23,13 +23,10 @@ from merge_xlstm.linearize.losses import LOSSES
 from merge_xlstm.linearize.sharding import gathered
 from merge_xlstm.linearize.training import num_steps, train_loop, warmup_constant
 from merge_xlstm.recipe import LinearizeRecipe
-from merge_xlstm.student import new_parameters
-
-LOSS_FOR_KIND = {"hybrid": "sparse_kd", "distil_xlstm": "delta_distil"}
 
 
 def stage2_loss(recipe: LinearizeRecipe, steps_per_epoch: int) -> Any:
-    return LOSSES.get(LOSS_FOR_KIND[recipe.student.kind])(recipe.stage2, steps_per_epoch=steps_per_epoch)
+    return LOSSES.get(recipe.student.loss)(recipe.stage2, steps_per_epoch=steps_per_epoch)
 
 
 def total_steps(recipe: LinearizeRecipe) -> int:
@@ -63,7 +60,7 @@ def run_stage2(
                             where="stage2.lora")
         from peft import LoraConfig, get_peft_model
 
-        mixer_params = new_parameters(student) if recipe.student.kind == "hybrid" else []
+        mixer_params = recipe.student.new_parameters(student)
         config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                             target_modules=spec.lora.target_modules)
         model = get_peft_model(student, config)

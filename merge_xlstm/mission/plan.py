@@ -68,7 +68,7 @@ def _stage_tokens(recipe: Any, *, seed: bool) -> dict[str, int]:
         return {"stage1": num_steps(recipe.stage1, seq_len) * recipe.stage1.batch_size * seq_len if recipe.stage1 else 0}
     rows = steps_per_epoch(recipe) * recipe.stage2.batch_size
     validation = max(1, round(rows * recipe.data.validation_fraction))
-    stored = recipe.student.kind == "hybrid" and recipe.stage2.targets == "stored"
+    stored = recipe.student.trains_from_targets() and recipe.stage2.targets == "stored"
     return {"targets": ((rows if stored else 0) + validation) * seq_len,
             "stage2": total_steps(recipe) * recipe.stage2.batch_size * seq_len,
             "online_targets": 0 if stored else total_steps(recipe) * recipe.stage2.batch_size * seq_len}

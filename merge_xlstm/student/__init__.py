@@ -1,55 +1,45 @@
 """Students: `from_teacher(teacher, kind=..., **options)` converts a teacher into a student.
 
-Importing this package registers every student model type with transformers' Auto classes, so
+A kind is one object of :mod:`merge_xlstm.kinds` (its options' schema and defaults, its builder, its
+loss, its stages); this package holds the builders and the models. Importing it registers every
+student model type with transformers' Auto classes, so
 ``AutoModelForCausalLM.from_pretrained(student_dir)`` works after ``import merge_xlstm.student``
 (``import merge_xlstm`` alone stays light, for the command line).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from merge_xlstm.errors import UserError
-from merge_xlstm.registry import Registry
-from merge_xlstm.student.families import FAMILIES
-from merge_xlstm.student.modeling_distil_xlstm import build_distil_xlstm
+from merge_xlstm.kinds import student_kind
+from merge_xlstm.student import modeling_distil_xlstm  # noqa: F401  (registers distil_xlstm with Auto*)
+from merge_xlstm.student.families import FAMILIES, supported_family
 from merge_xlstm.student.modeling_xlstm_hybrid import HybridMixer, XLSTMHybridConfig, XLSTMHybridForCausalLM
-
-STUDENT_KINDS: Registry[Callable[..., PreTrainedModel]] = Registry("student kind")
-STUDENT_KINDS.register("distil_xlstm")(build_distil_xlstm)
 
 # Config entries that describe the teacher's *class* or its saving, not its architecture.
 _NOT_ARCHITECTURE = {"model_type", "architectures", "transformers_version", "_name_or_path", "auto_map"}
 
 
 def from_teacher(teacher: PreTrainedModel, kind: str = "hybrid", **options: Any) -> PreTrainedModel:
-    """Build the `kind` student of `teacher`; `options` are the recipe's `student:` fields."""
-    return STUDENT_KINDS.get(kind)(teacher, **options)
+    """Build the `kind` student of `teacher`; `options` are the recipe's `student:` fields (the kind's
+    schema fills in the rest)."""
+    return student_kind(kind, **options).build(teacher)
 
 
-def teacher_family(teacher: PreTrainedModel) -> str:
-    family = teacher.config.model_type
-    if family not in FAMILIES:
-        raise UserError(f"teacher model_type {family!r} is not supported (supported: {', '.join(FAMILIES.names())})")
-    return family
-
-
-@STUDENT_KINDS.register("hybrid")
 def build_hybrid(teacher: PreTrainedModel, **options: Any) -> XLSTMHybridForCausalLM:
     """The paper-A student: the teacher's weights (copied) + new mixer parameters (initialised).
 
-    `options` are :class:`XLSTMHybridConfig`'s mixer fields (mixer, window_size, num_sink_tokens,
-    feature_dim, ...); what is not given keeps the config's default. The student is built on the meta
+    `options` are the hybrid kind's fields (:class:`merge_xlstm.kinds.HybridStudent`: mixer,
+    window_size, num_sink_tokens, feature_dim, ...), every one given: the kind holds the defaults. The student is built on the meta
     device and receives copies of the teacher's tensors, so an 8B teacher is not randomly initialised
     a second time; only the new parameters are materialised.
     """
     fields = {k: v for k, v in teacher.config.to_dict().items() if k not in _NOT_ARCHITECTURE}
-    config = XLSTMHybridConfig(teacher_family=teacher_family(teacher), **options, **fields)
+    config = XLSTMHybridConfig(teacher_family=supported_family(teacher.config.model_type), **options, **fields)
     config.architectures = [XLSTMHybridForCausalLM.__name__]
     param = next(teacher.parameters())
     with torch.device("meta"):

@@ -15,6 +15,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, Lla
 from transformers.models.olmo2.modeling_olmo2 import Olmo2MLP, Olmo2RMSNorm, Olmo2RotaryEmbedding
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
+from merge_xlstm.errors import UserError
 from merge_xlstm.registry import Registry
 
 
@@ -58,3 +59,11 @@ FAMILIES.register("qwen2")(Qwen2Family(Qwen2Config, Qwen2MLP, Qwen2RMSNorm, Qwen
 FAMILIES.register("olmo2")(
     Family(Olmo2Config, Olmo2MLP, Olmo2RMSNorm, Olmo2RotaryEmbedding, post_norm=True, qk_norm=True)
 )
+
+
+def supported_family(model_type: str | None, *, where: str | None = None) -> str:
+    """`model_type` if it is a registered family; the one refusal of an unsupported teacher."""
+    if model_type not in FAMILIES:
+        raise UserError(f"teacher model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES.names())})",
+                        where=where)  # fmt: skip
+    return model_type

@@ -66,6 +66,7 @@ from xlstm.blocks.slstm.cell import sLSTMCell_vanilla, sLSTMCellFuncGenerator
 from xlstm.blocks.slstm.layer import sLSTMLayer
 
 from merge_xlstm.errors import UserError
+from merge_xlstm.kinds import DistilXLSTMStudent, check_slstm_at
 from merge_xlstm.student.cache import (
     RecurrentGenerationMixin,
     RecurrentLayer,
@@ -78,6 +79,9 @@ SLSTMBackend = Literal["auto", "vanilla", "cuda"]
 # One block's recurrent state as the package's ``step`` returns it: {"mlstm_state": (C, n, m),
 # "conv_state": (window,)} for mLSTM blocks, {"conv_state": (window,), "slstm_state": (4, B, D)} for sLSTM.
 BlockState = dict[str, Any]
+
+
+_KIND_FIELDS = DistilXLSTMStudent.model_fields
 
 
 class DistilXLSTMConfig(RecurrentLayerTypes, PreTrainedConfig):
@@ -94,9 +98,10 @@ class DistilXLSTMConfig(RecurrentLayerTypes, PreTrainedConfig):
 
     vocab_size: int = 49152
     hidden_size: int = 576
-    num_blocks: int = 6
-    slstm_at: list[int] = dataclasses.field(default_factory=lambda: [0, 2, 4])
-    num_heads: int = 4
+    # The kind's defaults (merge_xlstm.kinds), also what a saved config.json that omits them means.
+    num_blocks: int = _KIND_FIELDS["num_blocks"].default
+    slstm_at: list[int] = dataclasses.field(default_factory=_KIND_FIELDS["slstm_at"].default_factory)
+    num_heads: int = _KIND_FIELDS["num_heads"].default
     conv1d_kernel_size: int = 4
     mlstm_proj_factor: float = 2.0
     mlstm_qkv_proj_blocksize: int = 4
@@ -111,9 +116,7 @@ class DistilXLSTMConfig(RecurrentLayerTypes, PreTrainedConfig):
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
-        bad = [i for i in self.slstm_at if not 0 <= i < self.num_blocks]
-        if bad:
-            raise ValueError(f"slstm_at entries must lie in [0, {self.num_blocks}), got {bad}")
+        check_slstm_at(self.slstm_at, self.num_blocks)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"num_heads {self.num_heads} must divide hidden_size {self.hidden_size}")
         if self.slstm_backend not in ("auto", "vanilla", "cuda"):
@@ -440,17 +443,16 @@ class DistilXLSTMForCausalLM(RecurrentGenerationMixin, DistilXLSTMPreTrainedMode
 def build_distil_xlstm(
     teacher: PreTrainedModel,
     *,
-    num_blocks: int = 6,
-    slstm_at: tuple[int, ...] | list[int] = (0, 2, 4),
-    num_heads: int = 4,
-    **unused: Any,
+    num_blocks: int,
+    slstm_at: tuple[int, ...] | list[int],
+    num_heads: int,
 ) -> DistilXLSTMForCausalLM:
     """The paper-B student of ``teacher``: fresh xLSTM blocks between its embedding and LM head.
 
     Embedding and head are copied and frozen; a tied teacher gives a tied student. The student's
     post-blocks LayerNorm starts with the teacher's final-norm gains (when the teacher has such a
     norm), because the frozen head was trained on inputs scaled by them; it stays trainable.
-    ``unused`` takes the recipe's other ``student:`` fields (``kind``).
+    The block options' defaults are the kind's (:class:`merge_xlstm.kinds.DistilXLSTMStudent`).
     """
     tconfig = teacher.config
     if tconfig.hidden_size % num_heads:  # the recipe cannot check this: it does not know the teacher

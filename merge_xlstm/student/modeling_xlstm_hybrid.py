@@ -56,6 +56,7 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from merge_xlstm.kinds import HybridStudent
 from merge_xlstm.student.cache import (
     RecurrentGenerationMixin,
     RecurrentLayer,
@@ -80,6 +81,9 @@ FULL_WINDOW = 2**62
 MIXERS = ("hybrid", "mlstm", "swa")
 
 
+_KIND_FIELDS = HybridStudent.model_fields
+
+
 class XLSTMHybridConfig(RecurrentLayerTypes, PreTrainedConfig):
     """The teacher's config fields (flat, as the teacher had them) plus the mixer's options.
 
@@ -93,13 +97,15 @@ class XLSTMHybridConfig(RecurrentLayerTypes, PreTrainedConfig):
     cache_layer_type = "xlstm_hybrid"  # every layer: XLSTMHybridLayerCache (see RecurrentLayerTypes)
 
     teacher_family: str = "llama"
-    mixer: str = "hybrid"
-    window_size: int = 512
-    num_sink_tokens: int = 4
-    feature_dim: int | None = None
-    mlstm_rope: bool = False
+    # The kind's defaults (merge_xlstm.kinds.HybridStudent), also what a saved config.json omitting them means;
+    # except memory_outside_window: configs saved before the option existed omit it and mean "off".
+    mixer: str = _KIND_FIELDS["mixer"].default
+    window_size: int = _KIND_FIELDS["window_size"].default
+    num_sink_tokens: int = _KIND_FIELDS["num_sink_tokens"].default
+    feature_dim: int | None = _KIND_FIELDS["feature_dim"].default
+    mlstm_rope: bool = _KIND_FIELDS["mlstm_rope"].default
     memory_outside_window: bool = False
-    forget_bias: tuple[float, float] = (3.0, 6.0)
+    forget_bias: tuple[float, float] = _KIND_FIELDS["forget_bias"].default
     prefill_chunk_length: int = 16384
 
     def teacher_config(self) -> PreTrainedConfig:

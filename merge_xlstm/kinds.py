@@ -1,0 +1,142 @@
+"""Student kinds: one object per kind, everything the pipeline asks about a student.
+
+A kind is its recipe's ``student:`` schema (a pydantic class, whose field defaults are the only place
+the kind's defaults are written), plus class-level answers: which builder makes it from a teacher,
+which stage-II loss trains it, whether it has a stage I (hidden-state alignment) and whether stage II
+takes the Delta schedule. Whether it trains from the teacher's top-k targets follows from its loss
+(``Stage2Loss.needs_teacher``). The pipeline, the recipe and the stages ask the kind; none of them
+tests a kind's name. A new kind is one class here, registered in ``STUDENT_KINDS``.
+
+This module is light (pydantic only): recipes are read without torch. What needs torch (the builder,
+the loss registry) is imported when it is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from merge_xlstm.registry import Registry
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedModel
+
+
+class Strict(BaseModel):
+    """Base for every recipe section: unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class StudentKind(Strict):
+    """What every kind answers; subclasses are the recipe's ``student:`` sections."""
+
+    kind: str
+    builder: ClassVar[str]  # "module:function" building the student: function(teacher, **options)
+    loss: ClassVar[str]  # the stage-II loss, an entry of linearize.losses.LOSSES
+    has_stage1: ClassVar[bool]
+    delta_schedule: ClassVar[bool] = False  # stage2.distil (paper B's annealing) applies
+
+    def options(self) -> dict[str, Any]:
+        """The builder's keyword arguments: this section's fields but the kind's name."""
+        return self.model_dump(exclude={"kind"})
+
+    def build(self, teacher: PreTrainedModel) -> PreTrainedModel:
+        module, name = self.builder.split(":")
+        return getattr(importlib.import_module(module), name)(teacher, **self.options())
+
+    def trains_from_targets(self) -> bool:
+        """Whether stage II reads the teacher's top-k targets (stored or online) instead of a live teacher."""
+        from merge_xlstm.linearize.stage2 import LOSSES  # every loss registered (torch: imported on use)
+
+        return not LOSSES.get(self.loss).needs_teacher
+
+    def new_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The parameters the teacher did not have: what stage I trains, and what LoRA leaves fully trainable."""
+        from merge_xlstm.student import new_parameters
+
+        return new_parameters(model)
+
+    def fit_stage1_loss(self, loss: Any) -> None:
+        """Adjust (or refuse) stage I's loss terms for this student; `loss` is a recipe's Stage1Loss."""
+
+
+STUDENT_KINDS: Registry[type[StudentKind]] = Registry("student kind")
+
+
+@STUDENT_KINDS.register("hybrid")
+class HybridStudent(StudentKind):
+    """The xLSTM + sliding-window-attention student of paper A (REFERENCE.md §1)."""
+
+    builder: ClassVar[str] = "merge_xlstm.student:build_hybrid"
+    loss: ClassVar[str] = "sparse_kd"
+    has_stage1: ClassVar[bool] = True
+
+    kind: Literal["hybrid"] = "hybrid"
+    mixer: Literal["hybrid", "mlstm", "swa"] = "hybrid"
+    window_size: int = Field(512, ge=1, description="SWA window W in tokens (keys t-W+1..t).")
+    num_sink_tokens: int = Field(4, ge=0, description="First tokens of each document every query also sees.")
+    feature_dim: int | None = Field(
+        None, ge=1, description="Size of the softmax feature map phi per head; default: the head dim."
+    )
+    mlstm_rope: bool = Field(
+        False, description="Feed RoPE-rotated q/k to the mLSTM branch (SWA always uses RoPE)."
+    )
+    memory_outside_window: bool = Field(
+        True, description="Mix the mLSTM in only where the window no longer covers the document (SWA is exact there)."
+    )
+    forget_bias: tuple[float, float] = Field(
+        (3.0, 6.0), description="Initial forget-gate biases, spread linearly over the heads (memory length)."
+    )
+
+    def fit_stage1_loss(self, loss: Any) -> None:
+        if self.mixer == "hybrid":
+            return
+        # The split terms need both branches and a gate: refuse them when asked for, else switch them off.
+        asked = [t for t in ("gate", "memory") if t in loss.model_fields_set and getattr(loss, t) > 0]
+        if asked:
+            raise ValueError(f"stage1.loss.{asked[0]}: needs student.mixer hybrid (both branches and a "
+                             f"gate), got {self.mixer!r}; set it to 0")
+        loss.gate = loss.memory = 0.0
+
+
+def check_slstm_at(slstm_at: list[int], num_blocks: int) -> None:
+    """sLSTM positions must name blocks of the stack (the recipe and the model config both ask)."""
+    bad = [i for i in slstm_at if not 0 <= i < num_blocks]
+    if bad:
+        raise ValueError(f"slstm_at entries must lie in [0, {num_blocks}), got {bad}")
+
+
+@STUDENT_KINDS.register("distil_xlstm")
+class DistilXLSTMStudent(StudentKind):
+    """The Distil-xLSTM student of paper B (REFERENCE.md §5): a fresh xLSTM block stack."""
+
+    builder: ClassVar[str] = "merge_xlstm.student.modeling_distil_xlstm:build_distil_xlstm"
+    loss: ClassVar[str] = "delta_distil"
+    has_stage1: ClassVar[bool] = False
+    delta_schedule: ClassVar[bool] = True
+
+    kind: Literal["distil_xlstm"]
+    num_blocks: int = Field(6, ge=1)
+    slstm_at: list[int] = Field(default_factory=lambda: [0, 2, 4])
+    num_heads: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _slstm_in_range(self) -> DistilXLSTMStudent:
+        check_slstm_at(self.slstm_at, self.num_blocks)
+        return self
+
+
+def student_kind(kind: str, **options: Any) -> StudentKind:
+    """The `kind` section with `options` (a recipe's ``student:`` fields), defaults filled in from its schema.
+
+    Options that only other kinds have are ignored, so one set of options can serve several kinds (as
+    the builders always allowed); an option no kind has is refused.
+    """
+    schema = STUDENT_KINDS.get(kind)
+    others = {field for name in STUDENT_KINDS if name != kind for field in STUDENT_KINDS.get(name).model_fields}
+    own = {key: value for key, value in options.items() if key in schema.model_fields or key not in others}
+    return schema.model_validate({**own, "kind": kind})
