@@ -18,11 +18,16 @@ import os
 from pathlib import Path
 
 from merge_xlstm.io import write_json
-from merge_xlstm.merge.checks import TOKENIZER_FILES
+from merge_xlstm.model_files import TOKENIZER_FILES
 
 MEMO_FILE = "file-digests.json"
 # What of a model directory decides what it computes (README, .gitattributes and the like do not).
 CONTENT_PATTERNS = ("config.json", "*.safetensors", *TOKENIZER_FILES)
+
+
+def fingerprint(data: object) -> str:
+    """A short key of JSON-able `data` (recipes, settings, the keys of the steps before): order of keys ignored."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def file_digest(path: Path, memo_dir: Path) -> str:

@@ -23,6 +23,26 @@ WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = f"{WEIGHTS}.index.json"
 # Files that make transformers import Python shipped inside the model directory.
 CODE_CONFIGS = ("config.json", "tokenizer_config.json")
+# Every file a saved tokenizer may consist of: what merge compares and content digests cover.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+# Those AutoTokenizer loads a tokenizer from: a model directory needs one of them.
+TOKENIZER_ENTRY_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def check_tokenizer_files(path: Path, where: str) -> None:
+    """Refuse a directory without a tokenizer here: transformers' own error talks about slow tokenizers."""
+    if not any((path / name).is_file() for name in TOKENIZER_ENTRY_FILES):
+        raise UserError(f"no tokenizer files ({', '.join(TOKENIZER_ENTRY_FILES)})", where=where)
 
 
 def read_json_object(path: Path, where: str) -> dict[str, Any]:

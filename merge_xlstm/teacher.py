@@ -22,14 +22,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTra
 
 from merge_xlstm.errors import UserError
 from merge_xlstm.io import atomic_dir
+from merge_xlstm.model_files import check_tokenizer_files
 from merge_xlstm.recipe import HUB_ID
 from merge_xlstm.registry import Registry
 from merge_xlstm.student.families import supported_family
 
 # What a teacher snapshot needs; other weight formats (.bin pickles, GGUF, ONNX) are never fetched.
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
-# Any of these makes a directory loadable by AutoTokenizer (fast tokenizer, config, sentencepiece).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 # huggingface_hub sends its requests without a timeout; a probe with one makes an unreachable hub
 # (a dropped connection rather than a refused one) cost seconds instead of the OS's TCP timeout.
 HUB_PROBE_TIMEOUT_S = 10.0
@@ -178,9 +177,7 @@ def load_teacher(
     where = str(name_or_path)
     path = resolve_teacher(name_or_path)
     teacher_family(path, where=where)
-    # Checked here because transformers' own error for a missing tokenizer talks about slow tokenizers.
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise UserError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)})", where=where)
+    check_tokenizer_files(path, where)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype or "auto", use_safetensors=True, trust_remote_code=False

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from merge_xlstm.linearize.losses import SparseKDLoss, next_token_mask, sparse_topk_kl
-from merge_xlstm.linearize.stage1 import run_stage1
+from merge_xlstm.linearize.stage1 import Stage1Job, run_stage1
 from merge_xlstm.linearize.targets import WithTargets, compute_targets
 from merge_xlstm.linearize.training import Checkpoint, MetricsLog, make_accelerator, warmup_constant, warmup_cosine
 from merge_xlstm.recipe import LinearizeRecipe, Stage2Spec
@@ -132,7 +132,7 @@ def test_stage1_loss_falls_and_only_new_parameters_change(tmp_path):
                    "log_every": 1, "loss": {"output": 1.0, "gate": 0.0, "memory": 0.0}},  # paper A's loss
         "stage2": {"tokens": 1}, "seed": str(tmp_path / "seed"), "output": str(tmp_path / "out"),
     })
-    run_stage1(recipe, teacher=teacher, student=student, dataset=packed_rows(16, 32),
+    run_stage1(Stage1Job.of(recipe), teacher=teacher, student=student, dataset=packed_rows(16, 32),
                accelerator=make_accelerator("cpu", "fp32"), work_dir=tmp_path / "work")
     rows = MetricsLog.read(tmp_path / "work" / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 31))

@@ -26,7 +26,7 @@ from merge_xlstm.eval import sandbox
 from merge_xlstm.eval.measures import combine_measures, metadata_overrides, run_measures
 from merge_xlstm.eval.suites import SUITES_DIR, Suite, get_suite
 from merge_xlstm.io import atomic_dir, to_json
-from merge_xlstm.model_files import check_model_dir
+from merge_xlstm.model_files import check_model_dir, check_tokenizer_files
 from merge_xlstm.preflight import check_writable_dir
 
 
@@ -77,12 +77,11 @@ def model_dir(spec: str, *, needs_chat_template: bool) -> Path:
     """
     from transformers import AutoTokenizer
 
-    from merge_xlstm.teacher import TOKENIZER_FILES, resolve_teacher
+    from merge_xlstm.teacher import resolve_teacher
 
     path = resolve_teacher(spec)
     check_model_dir(path, spec)
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise UserError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)})", where=spec)
+    check_tokenizer_files(path, spec)
     if needs_chat_template and not AutoTokenizer.from_pretrained(path, trust_remote_code=False).chat_template:
         raise UserError("this suite renders prompts with the chat template, and the tokenizer has none", where=spec)
     return path

@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
+from merge_xlstm.digests import fingerprint
 from merge_xlstm.errors import UserError
 from merge_xlstm.io import atomic_dir
 from merge_xlstm.linearize import heldout, sources
@@ -148,14 +149,10 @@ def _check_local_file(path: Path, where: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ cache keys
-def _hash(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _tokenizer_key(tokenizer: Any) -> str:
     vocab = sorted(tokenizer.get_vocab().items())
     probe = tokenizer("Hello world")["input_ids"]  # catches settings such as adding a bos token
-    return _hash(tokenizer.name_or_path, vocab, tokenizer.chat_template, tokenizer.eos_token_id, probe)
+    return fingerprint((tokenizer.name_or_path, vocab, tokenizer.chat_template, tokenizer.eos_token_id, probe))
 
 
 def _source_key(source: DataSource) -> str:
@@ -163,22 +160,24 @@ def _source_key(source: DataSource) -> str:
     if source.path.startswith(PACKAGED_PREFIX):
         # The stdlib source changes with the interpreter; every packaged source with sources.py.
         code = hashlib.sha256(Path(sources.__file__).read_bytes()).hexdigest()
-        return _hash(source.model_dump(exclude={"weight"}), code, platform.python_version())
+        return fingerprint((source.model_dump(exclude={"weight"}), code, platform.python_version()))
     path = Path(source.path).expanduser()
     stat = path.stat() if path.is_file() else None
-    return _hash(source.model_dump(exclude={"weight"}), str(path.resolve()), stat and (stat.st_size, stat.st_mtime_ns))
+    return fingerprint(
+        (source.model_dump(exclude={"weight"}), str(path.resolve()), stat and (stat.st_size, stat.st_mtime_ns))
+    )
 
 
 def packed_key(spec: DataSpec, tokenizer: Any, num_tokens: int, seed: int) -> str:
     """The key of the packed rows (`PackedData.fingerprint`), known before anything is built."""
-    return _hash(
+    return fingerprint((
         CACHE_VERSION,
         spec.model_dump(),
         [_source_key(s) for s in spec.sources],
         _tokenizer_key(tokenizer),
         num_tokens,
         seed,
-    )
+    ))
 
 
 # --------------------------------------------------------------------------------------- records
@@ -227,7 +226,7 @@ def _generate(
         _packaged_records,
         gen_kwargs={"name": name, "seed": seed, "start": start, "stop": stop},
         cache_dir=str(cache_dir / "datasets"),
-        fingerprint=_hash(_source_key(source), seed, start, stop),
+        fingerprint=fingerprint((_source_key(source), seed, start, stop)),
     )
     field = "messages" if "messages" in records.column_names else "text"
     return records, field, field == "messages"
@@ -298,7 +297,7 @@ def _tokenize(
             remove_columns=records.column_names,
             fn_kwargs={"tokenizer": tokenizer, "field": field, "chat": chat, "bar": bar},
             features=datasets.Features({"input_ids": datasets.List(datasets.Value("int32"))}),
-            new_fingerprint=_hash(CACHE_VERSION, key, _tokenizer_key(tokenizer)),
+            new_fingerprint=fingerprint((CACHE_VERSION, key, _tokenizer_key(tokenizer))),
         )
     column = encoded.data.column("input_ids").combine_chunks()
     lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -347,7 +346,7 @@ def _endless_documents(
     start, count, have = 0, 1024, 0
     while have < need:
         records, field, chat = _generate(source, seed, start, start + count, cache_dir)
-        key = _hash(_source_key(source), seed, start, count)
+        key = fingerprint((_source_key(source), seed, start, count))
         parts.append(_tokenize(records, field, chat, tokenizer, key, desc, where))
         have += len(parts[-1].tokens)
         start += count

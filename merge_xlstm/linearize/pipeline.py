@@ -19,8 +19,6 @@ does nothing.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
 import shutil
 from collections.abc import Callable
@@ -32,7 +30,7 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from merge_xlstm.digests import content_digest
+from merge_xlstm.digests import content_digest, fingerprint
 from merge_xlstm.errors import UserError
 from merge_xlstm.io import atomic_dir, to_json
 from merge_xlstm.linearize.data import PackedData, build_packed_dataset
@@ -45,10 +43,10 @@ from merge_xlstm.linearize.report import (
     validation_metrics,
 )
 from merge_xlstm.linearize.sharding import gathered
-from merge_xlstm.linearize.stage1 import run_stage1
-from merge_xlstm.linearize.stage2 import run_stage2, total_steps
+from merge_xlstm.linearize.stage1 import Stage1Job, run_stage1
+from merge_xlstm.linearize.stage2 import Stage2Job, run_stage2
 from merge_xlstm.linearize.targets import TARGET_MODES, WithTargets, compute_targets
-from merge_xlstm.linearize.training import MetricsLog, make_accelerator, num_steps
+from merge_xlstm.linearize.training import MetricsLog, make_accelerator
 from merge_xlstm.provenance import read_metadata, weights_digest, write_metadata
 from merge_xlstm.recipe import LinearizeRecipe, load_linearize_recipe
 from merge_xlstm.teacher import cache_dir, load_teacher, resolve_teacher
@@ -66,10 +64,6 @@ def main(args: argparse.Namespace) -> int:
                 spec.tokens = max(1, math.ceil(spec.tokens * args.tokens_scale))
     (build_seed if args.seed_only else linearize)(recipe, device=args.device, source=args.recipe)
     return 0
-
-
-def fingerprint(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def linearize(recipe: LinearizeRecipe, *, device: str | None = None, source: str | None = None) -> Path:
@@ -91,7 +85,6 @@ def linearize(recipe: LinearizeRecipe, *, device: str | None = None, source: str
 
     accelerator = make_accelerator(device, recipe.precision)
     teacher, tokenizer = recipe_teacher(recipe, accelerator)
-    seq_len = recipe.data.seq_len
     data = recipe_data(recipe, tokenizer, source)
     seed_reused = read_metadata(recipe.seed).get("kind") == "seed"
     seed_dir = ensure_seed(recipe, teacher, tokenizer, data.train, accelerator, teacher_digest)
@@ -117,8 +110,8 @@ def linearize(recipe: LinearizeRecipe, *, device: str | None = None, source: str
     student = AutoModelForCausalLM.from_pretrained(
         seed_dir, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
     ).to(accelerator.device)
-    student = run_stage2(recipe, student=student, teacher=live_teacher, dataset=train_rows,
-                         accelerator=accelerator, work_dir=work)
+    student, stage2_tokens = run_stage2(Stage2Job.of(recipe), student=student, teacher=live_teacher,
+                                        dataset=train_rows, accelerator=accelerator, work_dir=work)  # fmt: skip
     if accelerator.is_main_process:
         validation = WithTargets(data.validation, targets, "validation")
         metrics = validation_metrics(student, validation, accelerator.device, recipe.stage2.top_k)
@@ -134,7 +127,7 @@ def linearize(recipe: LinearizeRecipe, *, device: str | None = None, source: str
             "teacher": recipe.teacher,
             "teacher_digest": teacher_digest,
             "tokens": {"stage1": seed_meta.get("tokens", {}).get("stage1"),
-                       "stage2": total_steps(recipe) * recipe.stage2.batch_size * seq_len},
+                       "stage2": stage2_tokens},
             "validation": metrics,
             "output_gate_medians": gates,
             "long_context": longctx,
@@ -235,9 +228,9 @@ def ensure_seed(
     work = seed_dir.with_name(seed_dir.name + ".partial")
     stage1_tokens = 0
     if recipe.stage1 is not None:
-        run_stage1(recipe, teacher=teacher, student=student, dataset=dataset, accelerator=accelerator, work_dir=work)
+        stage1_tokens = run_stage1(Stage1Job.of(recipe), teacher=teacher, student=student, dataset=dataset,
+                                   accelerator=accelerator, work_dir=work)  # fmt: skip
         student = gathered(student)  # FSDP: full weights, one plain model per rank
-        stage1_tokens = num_steps(recipe.stage1, recipe.data.seq_len) * recipe.stage1.batch_size * recipe.data.seq_len
     if accelerator.is_main_process:
         record = {
             "kind": "seed",

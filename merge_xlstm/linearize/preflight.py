@@ -21,9 +21,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from merge_xlstm.errors import UserError
 from merge_xlstm.linearize.data import COLUMNS, check_sources, packed_key
-from merge_xlstm.linearize.stage2 import steps_per_epoch
+from merge_xlstm.linearize.stage1 import Stage1Job
+from merge_xlstm.linearize.stage2 import Stage2Job
 from merge_xlstm.linearize.targets import bytes_per_row
-from merge_xlstm.linearize.training import num_steps
 from merge_xlstm.model_files import check_model_dir, tensor_shapes
 from merge_xlstm.preflight import check_free_disk, check_free_memory, check_writable_dir
 from merge_xlstm.provenance import read_metadata
@@ -40,9 +40,8 @@ FLOAT32_BYTES = 4
 
 def training_rows(recipe: LinearizeRecipe) -> tuple[int, int]:
     """Packed rows stage I reads and rows of one stage-II epoch (the Delta schedule repeats that epoch)."""
-    seq_len = recipe.data.seq_len
-    rows1 = num_steps(recipe.stage1, seq_len) * recipe.stage1.batch_size if recipe.stage1 else 0
-    return rows1, steps_per_epoch(recipe) * recipe.stage2.batch_size
+    rows1 = Stage1Job.of(recipe).rows if recipe.stage1 else 0
+    return rows1, Stage2Job.of(recipe).rows_per_epoch
 
 
 def validation_rows(recipe: LinearizeRecipe) -> int:

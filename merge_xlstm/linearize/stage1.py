@@ -35,7 +35,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from merge_xlstm.linearize.training import num_steps, train_loop, warmup_cosine
-from merge_xlstm.recipe import LinearizeRecipe
+from merge_xlstm.recipe import LinearizeRecipe, Stage1Spec
 from merge_xlstm.registry import Registry
 from merge_xlstm.student import new_parameters
 from merge_xlstm.student.modeling_xlstm_hybrid import MixerParts
@@ -133,17 +133,44 @@ class MixerAlignment(nn.Module):
         return torch.stack(rows)
 
 
+@dataclass(frozen=True)
+class Stage1Job:
+    """What stage I reads of a recipe (its own section, the packed row length) and the counts that follow."""
+
+    spec: Stage1Spec
+    seq_len: int
+
+    @classmethod
+    def of(cls, recipe: LinearizeRecipe) -> Stage1Job:
+        if recipe.stage1 is None:
+            raise ValueError(f"student kind {recipe.student.kind} has no stage I")
+        return cls(recipe.stage1, recipe.data.seq_len)
+
+    @property
+    def steps(self) -> int:
+        return num_steps(self.spec, self.seq_len)
+
+    @property
+    def rows(self) -> int:
+        """Packed rows stage I reads."""
+        return self.steps * self.spec.batch_size
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.seq_len
+
+
 def run_stage1(
-    recipe: LinearizeRecipe,
+    job: Stage1Job,
     *,
     teacher: nn.Module,
     student: nn.Module,
     dataset: Any,
     accelerator: Accelerator,
     work_dir: Path,
-) -> None:
-    """Train the student's new mixer parameters in place; resumable from `work_dir`."""
-    spec, seq_len = recipe.stage1, recipe.data.seq_len
+) -> int:
+    """Train the student's new mixer parameters in place; resumable from `work_dir`. Returns the tokens trained on."""
+    spec, seq_len = job.spec, job.seq_len
     for p in student.parameters():
         p.requires_grad_(False)
     trainable = new_parameters(student)
@@ -153,7 +180,7 @@ def run_stage1(
     alignment = MixerAlignment(student, spec.loss.model_dump())
     aligner, optimizer = accelerator.prepare(alignment, optimizer)
     taps = TeacherAttentionTaps(teacher)
-    total = num_steps(spec, seq_len)
+    total = job.steps
     names = list(alignment.terms)
 
     def step_fn(batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, float]]:
@@ -182,3 +209,4 @@ def run_stage1(
         handle.remove()
     for p in student.parameters():
         p.requires_grad_(True)
+    return job.tokens

@@ -1,7 +1,7 @@
 """Stage II: distil the whole student on the domain's data (REFERENCE.md §2 and §5).
 
-The loss is a registry entry the student's kind names (`merge_xlstm.kinds`): `sparse_kd` (paper A: γ·CE + β·KL on the
-teacher's stored top-k) for the hybrid student, `delta_distil` (paper B: annealed CE/KL + Frobenius,
+The loss is a registry entry the student's kind names (`merge_xlstm.kinds`): `sparse_kd` (paper A:
+γ·CE + β·KL on the teacher's stored top-k) for the hybrid student, `delta_distil` (paper B: annealed CE/KL + Frobenius,
 with a live teacher) for Distil-xLSTM. Full fine-tuning by default (it beat LoRA in paper A); with
 `stage2.lora` the teacher-copied linear layers get LoRA adapters (peft) while the new mixer
 parameters still train fully, and the adapters are merged back before saving, so every expert is a
@@ -10,6 +10,7 @@ plain student of the same shapes (the condition for merging).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,37 +23,68 @@ from merge_xlstm.linearize import distil  # noqa: F401  (registers the delta_dis
 from merge_xlstm.linearize.losses import LOSSES
 from merge_xlstm.linearize.sharding import gathered
 from merge_xlstm.linearize.training import num_steps, train_loop, warmup_constant
-from merge_xlstm.recipe import LinearizeRecipe
+from merge_xlstm.kinds import StudentKind
+from merge_xlstm.recipe import LinearizeRecipe, Stage2Spec
 
 
-def stage2_loss(recipe: LinearizeRecipe, steps_per_epoch: int) -> Any:
-    return LOSSES.get(recipe.student.loss)(recipe.stage2, steps_per_epoch=steps_per_epoch)
+@dataclass(frozen=True)
+class Stage2Job:
+    """What stage II reads of a recipe (its own section, the row length, the student's kind) and its counts.
+
+    The pipeline, preflight and the dry run ask the job for steps, rows and tokens; none recomputes them.
+    """
+
+    spec: Stage2Spec
+    seq_len: int
+    student: StudentKind
+
+    @classmethod
+    def of(cls, recipe: LinearizeRecipe) -> Stage2Job:
+        return cls(recipe.stage2, recipe.data.seq_len, recipe.student)
+
+    @property
+    def epochs(self) -> int:
+        """One epoch unless the Delta schedule asks for more; the stage's tokens are split evenly."""
+        return self.spec.distil.epochs if self.spec.distil else 1
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, num_steps(self.spec, self.seq_len) // self.epochs)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    @property
+    def rows_per_epoch(self) -> int:
+        """Packed rows of one epoch (each epoch reads the same rows again)."""
+        return self.steps_per_epoch * self.spec.batch_size
+
+    @property
+    def tokens(self) -> int:
+        """Tokens processed over all epochs."""
+        return self.total_steps * self.spec.batch_size * self.seq_len
 
 
-def total_steps(recipe: LinearizeRecipe) -> int:
-    """Optimizer steps of stage II over all epochs (one epoch unless the Delta schedule asks for more)."""
-    return steps_per_epoch(recipe) * (recipe.stage2.distil.epochs if recipe.stage2.distil else 1)
-
-
-def steps_per_epoch(recipe: LinearizeRecipe) -> int:
-    epochs = recipe.stage2.distil.epochs if recipe.stage2.distil else 1
-    return max(1, num_steps(recipe.stage2, recipe.data.seq_len) // epochs)
+def stage2_loss(job: Stage2Job, steps_per_epoch: int) -> Any:
+    return LOSSES.get(job.student.loss)(job.spec, steps_per_epoch=steps_per_epoch)
 
 
 def run_stage2(
-    recipe: LinearizeRecipe,
+    job: Stage2Job,
     *,
     student: nn.Module,
     teacher: nn.Module | None,
     dataset: Any,
     accelerator: Accelerator,
     work_dir: Path,
-) -> nn.Module:
-    """Train `student` (resumable from `work_dir`); return it with any LoRA adapters merged in."""
-    spec, seq_len = recipe.stage2, recipe.data.seq_len
-    per_epoch = steps_per_epoch(recipe)
-    total = total_steps(recipe)
-    loss_fn = stage2_loss(recipe, per_epoch)
+) -> tuple[nn.Module, int]:
+    """Train `student` (resumable from `work_dir`); return it with any LoRA adapters merged in, and the
+    tokens it trained on."""
+    spec, seq_len = job.spec, job.seq_len
+    per_epoch = job.steps_per_epoch
+    total = job.total_steps
+    loss_fn = stage2_loss(job, per_epoch)
     model = student
     if spec.lora is not None:
         if accelerator.is_fsdp2:  # the adapters would have to be merged on sharded weights
@@ -60,7 +92,7 @@ def run_stage2(
                             where="stage2.lora")
         from peft import LoraConfig, get_peft_model
 
-        mixer_params = recipe.student.new_parameters(student)
+        mixer_params = job.student.new_parameters(student)
         config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                             target_modules=spec.lora.target_modules)
         model = get_peft_model(student, config)
@@ -90,4 +122,4 @@ def run_stage2(
     model = gathered(accelerator.unwrap_model(wrapped))  # FSDP: full weights, one plain model per rank
     if spec.lora is not None:
         model = model.merge_and_unload()
-    return model.eval()
+    return model.eval(), job.tokens

@@ -14,22 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from merge_xlstm.errors import UserError
-from merge_xlstm.model_files import check_model_dir, first_non_finite, read_json_object, tensor_shapes
+from merge_xlstm.model_files import (
+    TOKENIZER_FILES,
+    check_model_dir,
+    first_non_finite,
+    read_json_object,
+    tensor_shapes,
+)
 from merge_xlstm.provenance import read_metadata, weights_digest
 
 # Written per save, not part of what the model is.
 VOLATILE_CONFIG_KEYS = frozenset({"_name_or_path", "transformers_version", "dtype", "torch_dtype"})
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from merge_xlstm.eval.suites import get_suite
-from merge_xlstm.linearize.pipeline import fingerprint
+from merge_xlstm.digests import fingerprint
 from merge_xlstm.mission.spec import Mission
 from merge_xlstm.mission.steps import STAMP, Step, has_key, memo, model_key, write_dir_with_stamp
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from merge_xlstm.linearize.pipeline import build_seed, linearize, recipe_key, seed_key, teacher_content
-from merge_xlstm.linearize.stage2 import steps_per_epoch, total_steps
-from merge_xlstm.linearize.training import num_steps
+from merge_xlstm.linearize.stage1 import Stage1Job
+from merge_xlstm.linearize.stage2 import Stage2Job
 from merge_xlstm.mission import evaluation, weights
 from merge_xlstm.mission.report import report_step
 from merge_xlstm.mission.spec import Mission
@@ -63,12 +63,12 @@ def _expert_step(mission: Mission, name: str, device: str | None) -> Step:
 
 def _stage_tokens(recipe: Any, *, seed: bool) -> dict[str, int]:
     """Tokens each stage of this step processes (what the dry run turns into time)."""
-    seq_len = recipe.data.seq_len
     if seed:
-        return {"stage1": num_steps(recipe.stage1, seq_len) * recipe.stage1.batch_size * seq_len if recipe.stage1 else 0}
-    rows = steps_per_epoch(recipe) * recipe.stage2.batch_size
+        return {"stage1": Stage1Job.of(recipe).tokens if recipe.stage1 else 0}
+    stage2, seq_len = Stage2Job.of(recipe), recipe.data.seq_len
+    rows = stage2.rows_per_epoch
     validation = max(1, round(rows * recipe.data.validation_fraction))
     stored = recipe.student.trains_from_targets() and recipe.stage2.targets == "stored"
     return {"targets": ((rows if stored else 0) + validation) * seq_len,
-            "stage2": total_steps(recipe) * recipe.stage2.batch_size * seq_len,
-            "online_targets": 0 if stored else total_steps(recipe) * recipe.stage2.batch_size * seq_len}
+            "stage2": stage2.tokens,
+            "online_targets": 0 if stored else stage2.tokens}

@@ -18,7 +18,7 @@ from typing import Any
 from merge_xlstm.eval.compare import DEFAULT_ALPHAS, PLOT_UPTO, compare
 from merge_xlstm.eval.scores import ScoreTable, load_scores
 from merge_xlstm.io import atomic_dir, write_json
-from merge_xlstm.linearize.pipeline import fingerprint
+from merge_xlstm.digests import fingerprint
 from merge_xlstm.linearize.training import MetricsLog
 from merge_xlstm.mission.evaluation import results_dir
 from merge_xlstm.mission.spec import Mission

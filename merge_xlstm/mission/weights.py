@@ -19,7 +19,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from merge_xlstm.io import atomic_dir, write_json
-from merge_xlstm.linearize.pipeline import fingerprint
+from merge_xlstm.digests import fingerprint
 from merge_xlstm.mission.evaluation import resolve_device
 from merge_xlstm.mission.spec import Mission
 from merge_xlstm.mission.steps import (

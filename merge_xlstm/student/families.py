@@ -64,6 +64,6 @@ FAMILIES.register("olmo2")(
 def supported_family(model_type: str | None, *, where: str | None = None) -> str:
     """`model_type` if it is a registered family; the one refusal of an unsupported teacher."""
     if model_type not in FAMILIES:
-        raise UserError(f"teacher model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES.names())})",
-                        where=where)  # fmt: skip
+        supported = ", ".join(FAMILIES.names())
+        raise UserError(f"teacher model_type {model_type!r} is not supported (supported: {supported})", where=where)
     return model_type
