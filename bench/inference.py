@@ -17,8 +17,11 @@ same run. Parts (``--parts``):
   step time, against the copy bandwidth measured in the same run.
 - ``train``: optimizer steps per second of a stage-II step (student, sparse top-k KD loss on stored
   targets) against a plain fine-tune of the teacher (CE) on the same batch, and each one's MFU.
+- ``profile``: where a B=1 prefill of ``--profile-context`` tokens spends its time, the 15 costliest
+  operators of each model by self device time (torch.profiler), so a slow prefill names its kernel.
 - ``equality``: greedy tokens of the compiled static-cache decode equal the eager dynamic-cache
-  decode's for ``--equality-steps`` steps (SmolLM2 shape, float32 and bfloat16).
+  decode's for ``--equality-steps`` steps (SmolLM2 shape, float32 and bfloat16). It runs after the
+  shapes' parts: it is the longest and does not block the speed figures.
 
 Writes one JSON (``--out``), updated after every measurement, so a killed run keeps what it measured
 and ``--resume`` skips it. Never run by CI (needs CUDA).
@@ -151,6 +154,22 @@ def prefill(model: torch.nn.Module, context: int, forward: Callable[..., Any] | 
     fresh_peak()
     seconds = cuda_time(lambda: forward(input_ids=ids, use_cache=True, logits_to_keep=1), 2)
     return {"tok_s": context / seconds, "peak_GiB": peak_GiB()}
+
+
+def profile_prefill(model: torch.nn.Module, context: int, top: int = 15) -> dict[str, float]:
+    """The `top` operators of one prefill by self device time (CPU time on CPU), in milliseconds."""
+    ids = torch.randint(0, model.config.vocab_size, (1, context), device=DEVICE)
+    model(input_ids=ids, use_cache=True, logits_to_keep=1)  # warm-up: compiles and block masks stay out
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if DEVICE == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+    field = "self_device_time_total" if DEVICE == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, field), reverse=True)[:top]
+    return {event.key: getattr(event, field) / 1000 for event in events}
 
 
 # ----------------------------------------------------------------------------------------- decode
@@ -334,7 +353,8 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="keep and skip what --out already holds")
     parser.add_argument("--shapes", nargs="+", default=["1b", "smollm2"], choices=sorted(SHAPES))
     parser.add_argument("--parts", nargs="+", default=["prefill", "decode", "train", "equality"],
-                        choices=["prefill", "decode", "train", "equality"])
+                        choices=["prefill", "decode", "train", "profile", "equality"])
+    parser.add_argument("--profile-context", type=int, default=16384, help="the prefill the profile part traces")
     parser.add_argument("--prefill-contexts", nargs="+", type=int, default=[4096, 16384, 32768, 65536, 131072])
     parser.add_argument("--decode-contexts", nargs="+", type=int, default=[4096, 16384, 32768, 65536])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
@@ -370,9 +390,6 @@ def main() -> None:
         results.put(copy_bandwidth() / 1e9, "copy_bandwidth_GBs")
     bandwidth = results.data["copy_bandwidth_GBs"] * 1e9
 
-    if "equality" in args.parts:
-        for name in args.equality_dtypes:
-            measured(results, ("equality", name), lambda: greedy_equality(args.equality_steps, getattr(torch, name)))
     for shape in args.shapes:
         teacher, student = build(shape)
         results.put({"teacher": param_bytes(teacher), "student": param_bytes(student)}, shape, "param_bytes")
@@ -408,9 +425,16 @@ def main() -> None:
             for name, model in models.items():
                 measured(results, (shape, "train", f"B{args.train_batch}_{args.train_seq_len}", name),
                          lambda: train_speed(model, name == "student", args.train_batch, args.train_seq_len, 5))
+        if "profile" in args.parts:
+            for name, model in models.items():
+                measured(results, (shape, "profile", str(args.profile_context), name),
+                         lambda: profile_prefill(model, args.profile_context))
         ratios(results)
         del teacher, student, models
         torch.cuda.empty_cache()
+    if "equality" in args.parts:
+        for name in args.equality_dtypes:
+            measured(results, ("equality", name), lambda: greedy_equality(args.equality_steps, getattr(torch, name)))
 
 
 if __name__ == "__main__":
