@@ -326,3 +326,27 @@ def test_a_gpu_launcher_without_gpus_is_refused_before_any_work(tmp_path, monkey
     assert err == ("merge-xlstm: error: pipeline.yaml: launcher: launcher per_gpu places seed on a GPU and none is "
                    "visible; use launcher inprocess (or auto)")
     assert not (root / "experts").exists()
+
+
+@pytest.mark.parametrize(("seed_data", "sources"), [("all", {"math.jsonl": 0.5, "extra.jsonl": 0.5, "code.jsonl": 1.0}),
+                                                    ("first", {"math.jsonl": 1.0, "extra.jsonl": 1.0})])
+def test_the_seed_reads_every_domains_data_unless_told_first(seed_data, sources, tmp_path, monkeypatch):
+    """The seed step builds the seed from the first recipe with every domain's sources, each domain an
+    equal share (a math recipe with two sources gives each half the weight of code's one)."""
+    from merge_xlstm.mission import plan
+    from merge_xlstm.mission.spec import load_mission
+
+    root = make_workspace(tmp_path / "ws")
+    (root / "extra.jsonl").write_text((root / "math.jsonl").read_text())
+    math = yaml.safe_load((root / "math.yaml").read_text())
+    math["data"]["sources"].append({"path": "extra.jsonl"})
+    (root / "math.yaml").write_text(yaml.safe_dump(math))
+    monkeypatch.chdir(root)
+    built: list = []
+    monkeypatch.setattr(plan, "build_seed", lambda recipe, device=None: built.append(recipe))
+    mission = load_mission("pipeline.yaml", [f"seed_data={seed_data}"])
+    seed_step = plan.build_steps(mission, "cpu")[0]
+    seed_step.run("")  # the key only decides whether the step is done
+    (recipe,) = built
+    assert {s.path: s.weight for s in recipe.data.sources} == sources
+    assert recipe.model_dump(exclude={"data"}) == mission.first.model_dump(exclude={"data"})

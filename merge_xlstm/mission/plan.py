@@ -34,7 +34,7 @@ def build_steps(mission: Mission, device: str | None) -> list[Step]:
 
 # ------------------------------------------------------------------------------ seed and experts
 def _seed_step(mission: Mission, device: str | None) -> Step:
-    recipe = mission.first
+    recipe = mission.seed_recipe
     key = memo(lambda: seed_key(recipe, teacher_content(recipe)[1]))
 
     def done(key: str) -> bool:

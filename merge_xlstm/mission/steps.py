@@ -1,6 +1,6 @@
 """The run as resumable steps: each has a key (what its result depends on) and a durable, atomic result.
 
-    seed                      the shared stage-I seed (from the first domain's data)
+    seed                      the shared stage-I seed (from every domain's data, or the first's: seed_data)
     expert:<domain>           `linearize` of each domain recipe
     eval:teacher              every lm-eval suite, teacher and every expert, results under eval.output
     eval:<domain>
