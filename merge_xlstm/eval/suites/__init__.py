@@ -2,7 +2,7 @@
 
 Each suite is an lm-eval *group* (``<domain>/_suite.yaml``, ``group: merge_xlstm_<name>``) over task
 YAMLs in the same folder, so lm-eval's own task index is the registry: adding a suite or a task means
-adding YAML files here. Every task reads packaged data through :mod:`.sources` and records in its
+adding YAML files here. Every task reads packaged data through `merge_xlstm.data.evaluation` and records in its
 ``metadata`` what :mod:`merge_xlstm.eval.compare` and the runner need: ``domain``, ``split``,
 ``origin``, ``primary_metric`` and ``executes_code``. lm-eval copies that metadata into its results
 files, so a results file alone says how to score it.

@@ -6,28 +6,23 @@ the one that was actually said and three turns from other held-out conversations
 It does not measure instruction following, helpfulness or the quality of generated replies.
 
 The dataset has no splits, and chat training may read it, so a fixed 10 % of conversations, chosen by a
-hash of their id, is held out: :func:`is_heldout` is what training data must exclude.
+hash of their id, is held out: `merge_xlstm.data.heldout.is_heldout_conversation` decides which, for
+this suite and for training alike.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-HELDOUT_PERCENT = 10
-HELDOUT_DESCRIPTION = f"{HELDOUT_PERCENT}% of conversations held out by sha256(id); one turn each"
+from merge_xlstm.data.heldout import is_heldout_conversation
+
 CONTEXT_TURNS = 4
 MAX_TURN_CHARS = 300
 NUM_CHOICES = 4
-
-
-def is_heldout(conversation_id: str) -> bool:
-    """Whether a chitchat conversation belongs to the evaluation set (training must skip it)."""
-    return int(hashlib.sha256(conversation_id.encode()).hexdigest(), 16) % 100 < HELDOUT_PERCENT
 
 
 def _turns(conversation: dict[str, Any]) -> list[str]:
@@ -37,7 +32,7 @@ def _turns(conversation: dict[str, Any]) -> list[str]:
 
 def response_selection_docs(dataset_json: Path) -> Iterator[dict[str, Any]]:
     conversations = json.loads(dataset_json.read_text())
-    heldout = {cid: _turns(conv) for cid, conv in sorted(conversations.items()) if is_heldout(cid)}
+    heldout = {cid: _turns(conv) for cid, conv in sorted(conversations.items()) if is_heldout_conversation(cid)}
     usable = {cid: turns for cid, turns in heldout.items() if len(turns) > 2 and all(turns)}
     pool = [(cid, turn) for cid, turns in usable.items() for turn in turns if len(turn) <= MAX_TURN_CHARS]
     for cid, turns in usable.items():

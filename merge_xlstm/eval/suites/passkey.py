@@ -20,7 +20,7 @@ issue's reference figures (teacher 10/10, 8/10, 4/10, 2/10 at 256 / 1K / 2K / 4K
 Determinism: the key and depth of trial ``i`` at length ``L`` come from
 ``random.Random(f"passkey:{L}:{i}")``, independent of tokenizer, trial count and ``--limit``; the rest
 is fixed text. The filler (the classic "The grass is green..." line) is held out of training
-(`merge_xlstm.linearize.heldout`).
+(`merge_xlstm.data.heldout`).
 """
 
 from __future__ import annotations

