@@ -43,7 +43,6 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, StaticCache
 
-import merge_xlstm  # noqa: F401  (registers the student)
 from merge_xlstm.linearize.losses import SparseKDLoss
 from merge_xlstm.recipe import Stage2Spec
 from merge_xlstm.student import from_teacher

@@ -22,7 +22,6 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-import merge_xlstm  # noqa: F401
 from merge_xlstm.student import from_teacher
 from merge_xlstm.student.cache import CACHE_FIELD, output_cache
 
