@@ -1,4 +1,5 @@
-"""FlexAttention's SWA + sinks block mask agrees with the dense reference, with and without cached keys.
+"""FlexAttention's SWA + sinks block mask agrees with the dense reference, with and without cached keys,
+and so does the student on it, prefilling into a cache and continuing.
 
 Runs on CPU through torch.compile's CPU backend (tens of seconds, once); on CUDA it is the default SWA
 backend, where the block mask keeps prefill memory linear in the length.
@@ -9,7 +10,10 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
+from merge_xlstm.student import from_teacher
+from merge_xlstm.student.cache import CACHE_FIELD, output_cache
 from merge_xlstm.student.kernels import TokenLayout, swa_sdpa
+from merge_xlstm.testing import tiny_teacher
 
 
 def test_flex_block_mask_equals_the_dense_mask_with_a_cached_prefix() -> None:
@@ -32,3 +36,20 @@ def test_flex_block_mask_equals_the_dense_mask_with_a_cached_prefix() -> None:
     got = torch.compile(flex_attention)(q, k, v, block_mask=layout.block_mask(), scale=0.25, enable_gqa=True)
     valid = q_valid[:, None, :].expand(B, H, T)
     torch.testing.assert_close(got[valid], want[valid], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_the_student_on_flex_prefills_into_a_cache_and_continues_like_one_pass() -> None:
+    """Model level, on the flex backend: a prefill into a fresh cache (its own keys only) and a cached
+    continuation (the cached slots' keys first) give the logits of one uncached pass on the dense
+    reference, a left-padded row included. Both calls have enough queries to take the flex path."""
+    student = from_teacher(tiny_teacher("llama"), mixer="hybrid", window_size=40, num_sink_tokens=3)
+    x = torch.randint(0, student.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(x)
+    mask[1, :7] = 0
+    want = student(x, attention_mask=mask).logits
+    student.model.set_backends(swa="flex")
+    first = student(x[:, :160], attention_mask=mask[:, :160], use_cache=True)
+    rest = student(x[:, 160:], attention_mask=mask, use_cache=True, **{CACHE_FIELD: output_cache(first)})
+    got = torch.cat([first.logits, rest.logits], dim=1)
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=0)

@@ -6,7 +6,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import merge_xlstm  # noqa: F401  (registers the student with Auto*)
 from merge_xlstm.student import from_teacher, new_parameters
 from merge_xlstm.student.cache import output_cache
 from merge_xlstm.testing import tiny_teacher

@@ -149,8 +149,10 @@ class XLSTMHybridLayerCache(RecurrentLayer):
 
     def update(self, key_states: Tensor, value_states: Tensor, plan: "CachePlan") -> tuple[Tensor, Tensor]:
         """Return the keys/values a step attends to (cached slots, then the step's own), then store the step's."""
-        keys = torch.cat([self.state["keys"][:, :, :-1], key_states], dim=2)
-        values = torch.cat([self.state["values"][:, :, :-1], value_states], dim=2)
+        keys, values = key_states, value_states
+        if plan.with_slots:
+            keys = torch.cat([self.state["keys"][:, :, :-1], key_states], dim=2)
+            values = torch.cat([self.state["values"][:, :, :-1], value_states], dim=2)
         index = plan.slots[:, None, :, None]
         self.state["keys"].scatter_(2, index.expand_as(key_states), key_states)
         self.state["values"].scatter_(2, index.expand_as(value_states), value_states)
@@ -385,6 +387,10 @@ class CachePlan:
     kept_pos: Tensor  # (B, T) the kept tokens' document positions, -1 elsewhere
     restart: Tensor  # (B,) rows whose new tokens start a new document
     seen: Tensor  # (B,) each row's next document position after this pass
+    # Whether the step attends to the cached slots too. A fresh cache holds no key, so its first pass
+    # (the prefill) attends to its own keys alone: queries and keys then line up block for block, the
+    # layout FlexAttention's block mask handles best, instead of trailing S + W + 1 empty slots.
+    with_slots: bool = True
 
 
 def token_layout(
@@ -421,10 +427,10 @@ def token_layout(
     k_doc, k_pos, k_valid = doc, pos, valid
     plan = None
     if cache is not None:
-        old_pos = first.state["positions"][:, :-1] if cached else pos.new_full((B, sinks + window), -1)
-        k_pos = torch.cat([old_pos, pos], dim=1)
-        k_valid = k_pos >= 0
-        k_doc = torch.cat([doc.new_zeros(B, sinks + window), doc], dim=1)
+        if cached:  # the cached slots' keys come first (see CachePlan.with_slots)
+            k_pos = torch.cat([first.state["positions"][:, :-1], pos], dim=1)
+            k_valid = k_pos >= 0
+            k_doc = torch.cat([doc.new_zeros(B, sinks + window), doc], dim=1)
         last_doc = torch.where(valid, doc, -1).max(1).values.clamp_min(0)  # (B,)
         keep = valid & (doc == last_doc[:, None])
         last_pos = torch.where(keep, pos, -1).max(1).values
@@ -436,6 +442,7 @@ def token_layout(
             kept_pos=torch.where(kept, pos, -1),
             restart=last_doc > 0,
             seen=torch.where(last_pos >= 0, last_pos + 1, seen),
+            with_slots=cached,
         )
     layout = TokenLayout(doc, pos, valid, k_doc, k_pos, k_valid, window=window, sinks=sinks)
     return layout, starts, position_ids, plan
