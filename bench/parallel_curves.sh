@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 13's multi-GPU proof: `linearize recipes/code.yaml` (stage I + stage II, 32 steps each) on one GPU,
+# Issue 13's multi-GPU proof: `linearize recipes/code.yaml` (stage I + stage II, 8 steps of 65,536 tokens each) on one GPU,
 # under DDP and under FSDP2 on both GPUs of the nvidia-h200-x2 machine; the loss curves compared in
 # $OUT/parallel_curves.json and .png. Needs the teacher staged by bench/mission_gpu.sh on the same warm
 # machine (run it in the call after the mission's, or after the third staging call). About 3 minutes.

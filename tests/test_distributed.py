@@ -71,8 +71,8 @@ sys.exit(main(["linearize", sys.argv[1]]))
 
 
 def write_recipe(root: Path, name: str) -> Path:
-    if not (root / "teacher").is_dir():
-        write_teacher_and_corpora(root)
+    if not (root / "teacher").is_dir():  # tied embeddings, as SmolLM2, Llama-3.2-1B and Qwen2-0.5B have
+        write_teacher_and_corpora(root, tie_word_embeddings=True)
     recipe = {
         "name": name, "teacher": str(root / "teacher"),
         "student": {"kind": "hybrid", "mixer": "hybrid", "window_size": 16, "num_sink_tokens": 2},

@@ -1,5 +1,6 @@
 """FlexAttention's SWA + sinks block mask agrees with the dense reference, with and without cached keys,
-and so does the student on it, prefilling into a cache and continuing.
+and so does the student on it, prefilling into a cache and continuing; a one-document layout's rule,
+written from indices alone, allows exactly what the per-token rule allows.
 
 Runs on CPU through torch.compile's CPU backend (tens of seconds, once); on CUDA it is the default SWA
 backend, where the block mask keeps prefill memory linear in the length.
@@ -12,7 +13,7 @@ from torch.nn.attention.flex_attention import flex_attention
 
 from merge_xlstm.student import from_teacher
 from merge_xlstm.student.cache import CACHE_FIELD, output_cache
-from merge_xlstm.student.kernels import TokenLayout, swa_sdpa
+from merge_xlstm.student.kernels import TokenLayout, _compiled_block_mask, swa_sdpa
 from merge_xlstm.testing import tiny_teacher
 
 
@@ -53,3 +54,48 @@ def test_the_student_on_flex_prefills_into_a_cache_and_continues_like_one_pass()
     rest = student(x[:, 160:], attention_mask=mask, use_cache=True, **{CACHE_FIELD: output_cache(first)})
     got = torch.cat([first.logits, rest.logits], dim=1)
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=0)
+
+
+def _grid(rule, B: int, Tq: int, Tk: int) -> torch.Tensor:
+    """A mask_mod evaluated at every (row, query, key)."""
+    b, qi, ki = torch.meshgrid(torch.arange(B), torch.arange(Tq), torch.arange(Tk), indexing="ij")
+    return rule(b, torch.zeros_like(b), qi, ki)
+
+
+def test_a_one_document_layout_takes_the_index_rule_which_equals_the_token_rule() -> None:
+    """The flex kernel re-evaluates the rule inside every block a window edge or a sink cuts; for one
+    document per row (an uncached pass, a prefill into a fresh cache) it is written from the indices
+    alone, and must allow exactly what the per-token rule allows, with queries at the end of the keys."""
+    W, S = 40, 3
+    for B, Tq, Tk in ((2, 300, 300), (1, 200, 260)):
+        pos = torch.arange(Tk).expand(B, Tk)
+        ones = torch.ones(B, Tk, dtype=torch.long)
+        layout = TokenLayout(ones[:, -Tq:], pos[:, -Tq:], ones[:, -Tq:].bool(), ones, pos, ones.bool(), W, S)
+        assert layout.is_one_document()
+        fast, general = layout._index_rule(Tk - Tq), layout._token_rule()
+        assert torch.equal(_grid(fast, B, Tq, Tk), _grid(general, B, Tq, Tk))
+        assert torch.equal(_grid(fast, B, Tq, Tk), layout.dense_mask()[:, 0])
+        assert torch.equal(layout.block_mask().to_dense(), _compiled_block_mask()(general, B, None, Tq, Tk).to_dense())
+
+
+def test_packed_padded_or_cached_layouts_read_every_token() -> None:
+    student = from_teacher(tiny_teacher("llama"), mixer="hybrid", window_size=40, num_sink_tokens=3)
+    x = torch.randint(0, student.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(0))
+    seen: list[bool] = []
+    real = student.model.layers[0].self_attn.attention
+
+    def spy(q, k, v, layout, return_lse=False):
+        seen.append(layout.is_one_document())
+        return real(q, k, v, layout, return_lse)
+
+    student.model.layers[0].self_attn.attention = spy
+    with torch.no_grad():
+        student(x)  # one document per row
+        packed = torch.arange(300).remainder(120).expand(2, 300)  # documents restart at 120 and 240
+        student(x, position_ids=packed)
+        padded = torch.ones_like(x)
+        padded[1, :7] = 0
+        student(x, attention_mask=padded)
+        first = student(x[:, :160], use_cache=True)  # a fresh cache: its own keys only
+        student(x[:, 160:], use_cache=True, **{CACHE_FIELD: output_cache(first)})  # cached slots first
+    assert seen == [True, False, False, True, False]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,9 +21,10 @@ from merge_xlstm.testing import tiny_teacher, tiny_tokenizer
 TEXT = "def add(a, b):\n    return a + b\n"
 
 
-def write_teacher_and_corpora(root: Path) -> Path:
-    """A tiny llama teacher directory (`root/teacher`) and two small local corpora (`root/{code,math}.jsonl`)."""
-    teacher = tiny_teacher("llama")
+def write_teacher_and_corpora(root: Path, **config: Any) -> Path:
+    """A tiny llama teacher directory (`root/teacher`, `config` overriding tiny_config's fields) and two
+    small local corpora (`root/{code,math}.jsonl`)."""
+    teacher = tiny_teacher("llama", **config)
     teacher.save_pretrained(root / "teacher")
     tiny_tokenizer().save_pretrained(root / "teacher")
     for name, words in (("code", ["def", "return", "class", "import"]), ("math", ["12", "+", "7", "=", "19"])):

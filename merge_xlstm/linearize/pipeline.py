@@ -46,7 +46,7 @@ from merge_xlstm.linearize.sharding import gathered
 from merge_xlstm.linearize.stage1 import Stage1Job, run_stage1
 from merge_xlstm.linearize.stage2 import Stage2Job, run_stage2
 from merge_xlstm.linearize.targets import TARGET_MODES, WithTargets, compute_targets
-from merge_xlstm.linearize.training import MetricsLog, make_accelerator
+from merge_xlstm.linearize.training import MetricsLog, make_accelerator, training_precision
 from merge_xlstm.provenance import read_metadata, weights_digest, write_metadata
 from merge_xlstm.recipe import LinearizeRecipe, load_linearize_recipe
 from merge_xlstm.teacher import cache_dir, load_teacher, resolve_teacher
@@ -114,10 +114,11 @@ def linearize(recipe: LinearizeRecipe, *, device: str | None = None, source: str
                                         dataset=train_rows, accelerator=accelerator, work_dir=work)  # fmt: skip
     if accelerator.is_main_process:
         validation = WithTargets(data.validation, targets, "validation")
-        metrics = validation_metrics(student, validation, accelerator.device, recipe.stage2.top_k)
-        gates = output_gate_medians(student, validation[0], accelerator.device)
-        longctx = long_context_report(student, tokenizer, recipe.longctx, teacher=str(teacher_dir),
-                                      device=accelerator.device)  # fmt: skip
+        with training_precision(accelerator):  # the same whether one process, DDP or FSDP trained it
+            metrics = validation_metrics(student, validation, accelerator.device, recipe.stage2.top_k)
+            gates = output_gate_medians(student, validation[0], accelerator.device)
+            longctx = long_context_report(student, tokenizer, recipe.longctx, teacher=str(teacher_dir),
+                                          device=accelerator.device)  # fmt: skip
         provenance = {
             "kind": "expert",
             "seed_id": seed_meta["seed_id"],

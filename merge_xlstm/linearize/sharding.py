@@ -51,6 +51,14 @@ def gathered(model: nn.Module) -> nn.Module:
     return plain.to(device)
 
 
+def plain_model(accelerator: Accelerator, prepared: nn.Module) -> nn.Module:
+    """The trained model as a plain module (collective under FSDP): without DDP's wrapper, FSDP's shards
+    or the autocast accelerate patches into `forward` under mixed precision. A validation then computes
+    in the precision it asks for, the same whichever way the run was launched (kept, that patch made
+    one process and DDP validate in bf16 and FSDP, whose gathered copy has no patch, in float32)."""
+    return gathered(accelerator.unwrap_model(prepared, keep_fp32_wrapper=False))
+
+
 def reshard(model: nn.Module) -> None:
     """Drop the full parameters FSDP2 keeps after a forward with no backward (its root module keeps them
     for the backward it expects); nothing without FSDP."""

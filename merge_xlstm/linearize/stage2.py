@@ -21,7 +21,7 @@ from torch import nn
 from merge_xlstm.errors import UserError
 from merge_xlstm.linearize import distil  # noqa: F401  (registers the delta_distil loss)
 from merge_xlstm.linearize.losses import LOSSES
-from merge_xlstm.linearize.sharding import gathered
+from merge_xlstm.linearize.sharding import plain_model
 from merge_xlstm.linearize.training import num_steps, train_loop, warmup_constant
 from merge_xlstm.kinds import StudentKind
 from merge_xlstm.recipe import LinearizeRecipe, Stage2Spec
@@ -119,7 +119,7 @@ def run_stage2(
         step_fn=lambda batch, step: loss_fn(wrapped, batch, step=step, teacher=teacher),
         work_dir=work_dir,
     )
-    model = gathered(accelerator.unwrap_model(wrapped))  # FSDP: full weights, one plain model per rank
+    model = plain_model(accelerator, wrapped)  # FSDP: full weights, one plain model per rank
     if spec.lora is not None:
         model = model.merge_and_unload()
     return model.eval(), job.tokens

@@ -40,6 +40,11 @@ def make_accelerator(device: str | None, precision: str) -> Accelerator:
     return Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no")
 
 
+def training_precision(accelerator: Accelerator) -> torch.autocast:
+    """The autocast the run trains under (bf16 or none), for measuring a trained model as it was trained."""
+    return torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=accelerator.mixed_precision == "bf16")
+
+
 def num_steps(spec: OptimSpec, seq_len: int) -> int:
     """Optimizer steps that cover `spec.tokens` (rounded up to whole global batches)."""
     return max(1, math.ceil(spec.tokens / (spec.batch_size * seq_len)))

@@ -42,7 +42,14 @@ BUILT_IN_WEIGHTS = ("searched", "uniform")  # weightings every run has; fixed on
 class SearchSpec(Strict):
     """Merge weights chosen on the domains' validation rows (never a test split), each candidate merged in memory."""
 
-    objective: str = Field("validation_kl", description="merge.search.OBJECTIVES entry, averaged over domains.")
+    # The experts' own stage-II loss, not the KL to the teacher: where the memory is off (documents within
+    # the window) the seed is the teacher, every expert's training moves away from it, and a KL objective
+    # picks whichever expert moved least instead of keeping each domain's gains (make demo's experts: the
+    # seed has KL 0 on every domain and the highest CE; each expert has the lowest loss on its own domain).
+    objective: str = Field(
+        "validation_loss", description="merge.search.OBJECTIVES entry, averaged over domains (validation_loss: "
+        "each domain's stage-II loss, ce_weight * CE + kl_weight * top-k KL; validation_kl; validation_ce)."
+    )
     strategy: str = Field("coordinate", description="merge.search.STRATEGIES entry.")
     rows_per_domain: int = Field(8, ge=1, description="Held-out validation rows of each domain the objective reads.")
     step: float = Field(0.2, gt=0, lt=1, description="First move on the simplex: this share of weight shifted.")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -33,6 +33,9 @@ from merge_xlstm.mission.steps import (
 )
 from merge_xlstm.provenance import read_metadata
 from merge_xlstm.recipe import MergeRecipe
+
+if TYPE_CHECKING:  # accelerate is imported where the search runs, not when the CLI starts
+    from accelerate import Accelerator
 
 
 def search_path(mission: Mission) -> Path:
@@ -65,11 +68,13 @@ def run_search(mission: Mission, device: str | None) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     from merge_xlstm.linearize.report import validation_metrics
+    from merge_xlstm.linearize.training import make_accelerator, training_precision
     from merge_xlstm.merge.search import OBJECTIVES, InMemoryMerge, search
 
     device = resolve_device(device)
     spec, domains = mission.pipeline.merge, list(mission.domains)
-    rows = validation_rows(mission, device)
+    accelerator = make_accelerator(device, mission.first.precision)
+    rows = validation_rows(mission, accelerator)
     model = AutoModelForCausalLM.from_pretrained(mission.first.seed, dtype=torch.float32).to(device).eval()
     experts = [_state_dict(recipe.output) for recipe in mission.domains.values()]
     base = _state_dict(mission.first.seed) if spec.method == "task_arithmetic" else None
@@ -78,8 +83,9 @@ def run_search(mission: Mission, device: str | None) -> dict[str, Any]:
 
     def per_domain(weights: list[float], scale: float) -> dict[str, float]:
         merger.apply(weights, scale)
-        return {name: objective(validation_metrics(model, rows[name], torch.device(device), recipe.stage2.top_k),
-                                recipe.stage2) for name, recipe in mission.domains.items()}
+        with training_precision(accelerator):  # as each expert's own validation was measured
+            return {name: objective(validation_metrics(model, rows[name], torch.device(device), recipe.stage2.top_k),
+                                    recipe.stage2) for name, recipe in mission.domains.items()}
 
     tokens = sum(len(r) * len(r[0]["input_ids"]) for r in rows.values())  # scored per candidate
     bar = tqdm(desc=f"merge-weight search ({spec.search.strategy})", unit="candidate")
@@ -130,13 +136,11 @@ def _state_dict(model_dir: str) -> dict[str, Any]:
     return tensors
 
 
-def validation_rows(mission: Mission, device: str) -> dict[str, list[dict[str, Any]]]:
+def validation_rows(mission: Mission, accelerator: Accelerator) -> dict[str, list[dict[str, Any]]]:
     """The first `rows_per_domain` held-out rows of each domain with the teacher's top-k targets."""
     from merge_xlstm.linearize.pipeline import recipe_data, recipe_targets, recipe_teacher
     from merge_xlstm.linearize.targets import WithTargets, compute_targets
-    from merge_xlstm.linearize.training import make_accelerator
 
-    accelerator = make_accelerator(device, mission.first.precision)
     teacher, tokenizer = recipe_teacher(mission.first, accelerator)
     rows = {}
     for name, recipe in mission.domains.items():

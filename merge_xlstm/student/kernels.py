@@ -138,18 +138,47 @@ class TokenLayout:
         """FlexAttention block mask of the same rule, for any number of queries and keys.
 
         Built by a compiled ``create_block_mask``, which evaluates the rule block by block, so no
-        (Tq, Tk) tensor is ever materialised: memory stays linear in the length.
+        (Tq, Tk) tensor is ever materialised: memory stays linear in the length. The kernel evaluates
+        the rule again for every score of a block the window or a sink cuts, so the rule is written
+        from the indices alone where the layout allows (:meth:`is_one_document`) and reads the
+        layout's per-token tensors only where it must (packed rows, padding, cached slots).
         """
         if "block" not in self.masks:
-            q_doc, q_pos = self.q_doc, self.q_pos
-            k_doc, k_pos, k_valid = self.k_doc, self.k_pos, self.k_valid
-
-            def mask_mod(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
-                return self.allowed(q_doc[b, qi], q_pos[b, qi], k_doc[b, ki], k_pos[b, ki], k_valid[b, ki])
-
-            (B, Tq), Tk = q_doc.shape, k_doc.shape[1]
-            self.masks["block"] = _compiled_block_mask()(mask_mod, B, None, Tq, Tk, device=q_doc.device)
+            (B, Tq), Tk = self.q_doc.shape, self.k_doc.shape[1]
+            mask_mod = self._index_rule(Tk - Tq) if self.is_one_document() else self._token_rule()
+            self.masks["block"] = _compiled_block_mask()(mask_mod, B, None, Tq, Tk, device=self.q_doc.device)
         return self.masks["block"]
+
+    def is_one_document(self) -> bool:
+        """Every row one document without padding, keys at positions 0..Tk-1, the queries the last Tq of
+        them: an uncached pass over unpacked rows, or a prefill into a fresh cache (one host sync)."""
+        (_, Tq), Tk = self.q_doc.shape, self.k_doc.shape[1]
+        positions = torch.arange(Tk, device=self.k_pos.device)
+        return bool(
+            self.k_valid.all() & self.q_valid.all() & (self.k_doc == self.k_doc[:, :1]).all()
+            & (self.q_doc == self.k_doc[:, :1]).all()
+            & (self.k_pos == positions).all() & (self.q_pos == positions[Tk - Tq :]).all()
+        )
+
+    def _index_rule(self, offset: int) -> Callable[..., Tensor]:
+        """The rule of a one-document layout: query qi sits at position qi + offset, key ki at ki."""
+        window, sinks = self.window, self.sinks
+
+        def mask_mod(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+            q = qi + offset
+            return (ki <= q) & ((q - ki < window) | (ki < sinks))
+
+        return mask_mod
+
+    def _token_rule(self) -> Callable[..., Tensor]:
+        """The rule read from each token's document, position and validity (any layout)."""
+        q_doc, q_pos = self.q_doc, self.q_pos
+        k_doc, k_pos, k_valid = self.k_doc, self.k_pos, self.k_valid
+
+        def mask_mod(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+            return self.allowed(q_doc[b, qi], q_pos[b, qi], k_doc[b, ki], k_pos[b, ki], k_valid[b, ki])
+
+        return mask_mod
 
 
 def swa_sdpa(
