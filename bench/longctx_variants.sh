@@ -7,17 +7,19 @@
 #   longf:   split with forget-gate biases 8..12 instead of 3..6 (half-lives of ~2K to ~110K tokens
 #            instead of ~14 to ~280: with 3..6 a key 512 tokens back has decayed by e^-24 to e^-1.3);
 #   longflr: longf at stage-I lr 1e-3 instead of 1e-2 (Adam moves each of the output gate's ~1K input
-#            weights by ~lr a step, so its pre-activation can swing by ~10 a step at 1e-2: saturation).
+#            weights by ~lr a step, so its pre-activation can swing by ~10 a step at 1e-2: saturation);
+#   gatelr:  longf with only the output gate at a tenth of the lr (stage1.gate_lr_scale 0.1): the gates
+#            of longflr without slowing the feature maps and the memory's gates (not yet run on a GPU).
 # The 2026-11-30 ablation ran paper and split (docs/results/longctx_ablation); the same teacher, data and
 # tokens give the same figures, so a later call may run only the new ones. $OUT gets ablation.json,
 # ablation.md, ce_by_position.png and each seed's stage-I metrics.
-#   VARIANTS="longf longflr" bash bench/longctx_variants.sh    (STAGE1_TOKENS, default 2M)
+#   VARIANTS="longf gatelr" bash bench/longctx_variants.sh    (STAGE1_TOKENS, default 2M)
 set -uo pipefail
 . bench/gpu_env.sh
 [ "$GPU_TEACHER" = ready ] || exit 3
 out=${OUT:-/tmp/mission/out}; mkdir -p "$out"
 root=/tmp/mission/ablation; mkdir -p "$root"
-read -ra variants <<< "${VARIANTS:-paper split longf longflr}"
+read -ra variants <<< "${VARIANTS:-paper split longf longflr gatelr}"
 common=(--seed-only --set "stage1.tokens=${STAGE1_TOKENS:-2097152}" --set stage1.warmup_steps=4
         --set stage1.log_every=1 --set stage1.save_every=1000)
 train() {     # train GPU VARIANT...: the variants one after another on one GPU
@@ -30,6 +32,7 @@ train() {     # train GPU VARIANT...: the variants one after another on one GPU
             split) extra=() ;;
             longf) extra=(--set 'student.forget_bias=[8.0, 12.0]') ;;
             longflr) extra=(--set 'student.forget_bias=[8.0, 12.0]' --set stage1.lr=1.0e-3) ;;
+            gatelr) extra=(--set 'student.forget_bias=[8.0, 12.0]' --set stage1.gate_lr_scale=0.1) ;;
             *) echo "unknown variant $v" >&2; return 2 ;;
         esac
         CUDA_VISIBLE_DEVICES=$gpu python3 -m merge_xlstm linearize recipes/code.yaml "${common[@]}" \

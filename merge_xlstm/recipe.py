@@ -106,6 +106,11 @@ class Stage1Spec(OptimSpec):
 
     lr: float = Field(1.0e-2, gt=0)
     min_lr: float = Field(1.0e-5, ge=0, description="End of the cosine decay.")
+    gate_lr_scale: float = Field(
+        1.0, gt=0, le=1, description="The output gate's learning rate as a share of lr. Adam moves each of the "
+        "gate's ~1K input weights by about lr a step, so at lr 1e-2 its pre-activation can swing by ~10 a step "
+        "and saturate the sigmoid, which then passes no gradient (docs/results, issue 12's ablation)."
+    )
     loss: Stage1Loss = Field(default_factory=Stage1Loss)
 
 

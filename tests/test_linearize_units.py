@@ -141,3 +141,28 @@ def test_stage1_loss_falls_and_only_new_parameters_change(tmp_path):
     for name, p in student.named_parameters():
         changed = not torch.equal(p, before[name])
         assert changed == (id(p) in new), name
+
+
+def test_stage1_steps_the_output_gate_at_its_share_of_the_learning_rate(tmp_path):
+    """Adam's first step moves every parameter by lr * g / (|g| + eps): with gate_lr_scale s the output
+    gates move s times as far as at scale 1 and every other new parameter exactly as far."""
+    teacher = tiny_teacher("llama")
+    moved = []
+    for scale in (1.0, 0.1):
+        torch.manual_seed(0)
+        student = from_teacher(teacher, mixer="hybrid", window_size=4, num_sink_tokens=2)
+        before = {n: p.detach().clone() for n, p in student.named_parameters()}
+        recipe = LinearizeRecipe.model_validate({
+            "name": "t", "teacher": "org/tiny", "data": {"sources": [{"path": "org/data"}], "seq_len": 32},
+            "stage1": {"tokens": 32 * 4, "batch_size": 4, "micro_batch_size": 4, "lr": 1e-2, "warmup_steps": 0,
+                       "gate_lr_scale": scale},
+            "stage2": {"tokens": 1}, "seed": str(tmp_path / "seed"), "output": str(tmp_path / "out"),
+        })
+        run_stage1(Stage1Job.of(recipe), teacher=teacher, student=student, dataset=packed_rows(4, 32),
+                   accelerator=make_accelerator("cpu", "fp32"), work_dir=tmp_path / f"work{scale}")
+        moved.append({n: p.detach() - before[n] for n, p in student.named_parameters()})
+    gates = [n for n in moved[0] if ".ogate." in n]
+    assert gates and all(moved[0][n].abs().max() > 1e-3 for n in gates)
+    for name, full in moved[0].items():
+        want = full * 0.1 if name in gates else full
+        torch.testing.assert_close(moved[1][name], want, rtol=1e-4, atol=1e-9, msg=name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -192,3 +194,20 @@ def test_chunked_prefill_equals_one_pass(teacher):
     chunked = student(x, use_cache=True)
     torch.testing.assert_close(chunked.logits, whole, atol=ATOL, rtol=0)
     assert output_cache(chunked).get_seq_length() == 23
+
+
+@torch.no_grad()
+def test_bfloat16_on_cpu_runs_the_native_backends_close_to_float32(teacher):
+    """`precision: bf16` on a CPU: float32 weights under bf16 autocast (training) and bf16 weights (serving)
+    both run the native backends, prefilling into a cache and decoding on, near the float32 logits."""
+    student = from_teacher(teacher, mixer="hybrid", window_size=4, num_sink_tokens=2)
+    x = torch.randint(0, student.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    want = student(x).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = student(x).logits.float()
+    half = copy.deepcopy(student).to(torch.bfloat16)
+    first = half(x[:, :20], use_cache=True)
+    rest = half(x[:, 20:], use_cache=True, past_key_values=output_cache(first))
+    cached = torch.cat([first.logits, rest.logits], dim=1).float()
+    for got in (autocast, cached):
+        assert (got - want).norm() / want.norm() < 5e-2

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from merge_xlstm.linearize.training import num_steps, train_loop, warmup_cosine
 from merge_xlstm.recipe import LinearizeRecipe, Stage1Spec
 from merge_xlstm.registry import Registry
-from merge_xlstm.student import new_parameters
+from merge_xlstm.student import new_parameters, output_gate_parameters
 from merge_xlstm.student.modeling_xlstm_hybrid import MixerParts
 
 
@@ -176,7 +176,12 @@ def run_stage1(
     trainable = new_parameters(student)
     for p in trainable:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)
+    groups: list[dict[str, Any]] = [{"params": trainable}]
+    if spec.gate_lr_scale != 1.0:  # one group otherwise: checkpoints of runs without the option still resume
+        gates = {id(p) for p in output_gate_parameters(student)}
+        groups = [{"params": [p for p in trainable if id(p) not in gates]},
+                  {"params": [p for p in trainable if id(p) in gates], "lr_scale": spec.gate_lr_scale}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.lr, weight_decay=spec.weight_decay)
     alignment = MixerAlignment(student, spec.loss.model_dump())
     aligner, optimizer = accelerator.prepare(alignment, optimizer)
     taps = TeacherAttentionTaps(teacher)

@@ -202,8 +202,8 @@ def train_loop(
     for step in range(start, total_steps):
         began = time.perf_counter()
         lr = lr_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for group in optimizer.param_groups:  # a group may step at a share of the schedule (stage1.gate_lr_scale)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         sums: dict[str, float] = {}
         batches = list(micro_batches(dataset, step, spec, accelerator, rows_per_epoch))
         for i, batch in enumerate(batches):

@@ -74,6 +74,11 @@ def _materialize(model: PreTrainedModel, *, device: torch.device, dtype: torch.d
         model.model.rotary_emb = family.rotary(model.config.teacher_config())
 
 
+def output_gate_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The hybrid mixers' output gates o (stage I may step them at a smaller learning rate)."""
+    return [p for m in model.modules() if isinstance(m, HybridMixer) and hasattr(m, "ogate") for p in m.ogate.parameters()]
+
+
 def new_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters the teacher did not have (what stage I trains)."""
     return [

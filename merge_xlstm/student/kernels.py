@@ -50,11 +50,17 @@ class MLSTMBackend:
     step: str
     chunk_size: int = 64
     value_multiple: int = 1  # triton kernels want head dims in multiples of 16
+    # mlstm_kernels' native kernels keep float32 states and multiply them with the inputs, which fails
+    # for bfloat16 inputs: they compute in float32 and return the input's dtype.
+    float32_only: bool = False
 
     def __call__(
         self, q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, state: MLSTMState | None, return_state: bool
     ) -> tuple[Tensor, MLSTMState | None]:
         """q, k (B, H, T, F); v (B, H, T, D); i, f gate pre-activations (B, H, T); one dtype for all."""
+        if self.float32_only and q.dtype != torch.float32:
+            h, last = self(*(x.float() for x in (q, k, v, i, f)), state, return_state)
+            return h.to(q.dtype), last
         D = v.shape[-1]
         extra = 1 + (-(D + 1)) % self.value_multiple
         ones = torch.zeros(*v.shape[:-1], extra, dtype=v.dtype, device=v.device)
@@ -87,7 +93,9 @@ class MLSTMBackend:
 
 
 MLSTM_BACKENDS: Registry[MLSTMBackend] = Registry("mlstm backend")
-MLSTM_BACKENDS.register("native")(MLSTMBackend("chunkwise--native_autograd", "native_sequence__native", "native"))
+MLSTM_BACKENDS.register("native")(
+    MLSTMBackend("chunkwise--native_autograd", "native_sequence__native", "native", float32_only=True)
+)
 # bf16 needs triton_limit_chunk: triton_xl_chunk crashes the Triton 3.6 compiler in bf16 (REFERENCE.md §6).
 MLSTM_BACKENDS.register("triton")(
     MLSTMBackend("chunkwise--triton_limit_chunk", "native_sequence__triton", "triton", chunk_size=64, value_multiple=16)
@@ -189,6 +197,9 @@ def swa_sdpa(
     With `return_lse` also the log-sum-exp of each query's allowed scores (B, H, Tq), -inf for a
     query with none, computed explicitly (SDPA does not return it).
     """
+    # Under autocast RoPE's float32 tables promote q and k but not v; CUDA's autocast casts SDPA's inputs
+    # to one dtype, the CPU's does not, so this does.
+    q, k = q.to(v.dtype), k.to(v.dtype)
     mask = layout.dense_mask()
     if not return_lse:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])

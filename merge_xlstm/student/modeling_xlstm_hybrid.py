@@ -276,7 +276,8 @@ class HybridMixer(nn.Module):
         if parts.o is None:
             h = parts.swa if parts.mlstm is None else parts.mlstm
         else:
-            h = torch.lerp(parts.swa, parts.mlstm, parts.o.to(parts.swa.dtype))
+            # Under autocast the branches may differ in dtype (CPU SDPA computes in float32)
+            h = torch.lerp(parts.swa, parts.mlstm.to(parts.swa.dtype), parts.o.to(parts.swa.dtype))
         B, H, T, D = h.shape
         return self.o_proj(h.transpose(1, 2).reshape(B, T, H * D))
 
