@@ -11,8 +11,8 @@ from __future__ import annotations
 import copy
 from types import SimpleNamespace
 
-import torch
 import pytest
+import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 

@@ -176,12 +176,13 @@ def run_stage1(
     trainable = new_parameters(student)
     for p in trainable:
         p.requires_grad_(True)
-    groups: list[dict[str, Any]] = [{"params": trainable}]
-    if spec.gate_lr_scale != 1.0:  # one group otherwise: checkpoints of runs without the option still resume
+    groups: list[dict[str, Any]] = [{"params": trainable}]  # one group: checkpoints from before the option resume
+    if spec.gate_lr_scale != 1.0:
         gates = {id(p) for p in output_gate_parameters(student)}
         groups = [{"params": [p for p in trainable if id(p) not in gates]},
                   {"params": [p for p in trainable if id(p) in gates], "lr_scale": spec.gate_lr_scale}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.lr, weight_decay=spec.weight_decay)
+        groups = [g for g in groups if g["params"]]  # an mLSTM-only mixer has no output gate
+    optimizer = torch.optim.AdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay)
     alignment = MixerAlignment(student, spec.loss.model_dump())
     aligner, optimizer = accelerator.prepare(alignment, optimizer)
     taps = TeacherAttentionTaps(teacher)
