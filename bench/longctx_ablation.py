@@ -25,6 +25,7 @@ once per shape: the CE chunk and each pass-key length; the triton mLSTM kernels)
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--recovery-from", type=int, default=1024, help="first bin start with a recovery figure")
     parser.add_argument("--open-gate", type=float, default=0.05, help="a layer's gate is open at this median")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--baselines", type=Path, default=None, metavar="ABLATION_JSON",
+                        help="take the teacher's and the SWA-only student's rows from this earlier run of the same "
+                             "settings (e.g. measured beside the variants' training) instead of measuring them")
     args = parser.parse_args()
     args.variants = dict(v.split("=", 1) for v in args.variant)
     if len(args.variants) != len(args.variant) or any(not k or not d for k, d in args.variants.items()):
@@ -109,6 +113,21 @@ def markdown(models: dict[str, dict[str, Any]], args: argparse.Namespace, docume
     return "\n".join(lines) + "\n"
 
 
+# What the baselines' figures depend on: an earlier run must have used the same.
+SAME = ("teacher", "documents", "max_tokens", "bins", "chunk_tokens", "batch_size", "passkey_lengths",
+        "passkey_trials", "window", "sinks", "open_gate")
+
+
+def baselines(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The teacher's and SWA-only rows of an earlier run (--baselines), refused unless its settings match."""
+    earlier = json.loads(args.baselines.read_text())
+    settings = earlier["settings"] | {"teacher": earlier["teacher"]}
+    differ = [key for key in SAME if settings.get(key) != getattr(args, key)]
+    if differ:
+        raise SystemExit(f"{args.baselines}: measured with other {', '.join(differ)} than this run")
+    return {label: earlier["models"][label] for label in (TEACHER, SWA)}
+
+
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
@@ -116,10 +135,13 @@ def main() -> None:
     teacher, tokenizer = load_teacher(args.teacher, dtype=longctx.eval_dtype(device), device=device)
     length = min(args.max_tokens, teacher.config.max_position_embeddings)
     docs = longdocs.token_documents(tokenizer, args.documents, length, where="--documents / --max-tokens")
-    models = {TEACHER: measure(teacher, docs, tokenizer, args)}
-    swa = from_teacher(teacher, mixer="swa", window_size=args.window, num_sink_tokens=args.sinks)
-    models[SWA] = measure(swa, docs, tokenizer, args)
-    del swa
+    if args.baselines:
+        models = baselines(args)
+    else:
+        models = {TEACHER: measure(teacher, docs, tokenizer, args)}
+        swa = from_teacher(teacher, mixer="swa", window_size=args.window, num_sink_tokens=args.sinks)
+        models[SWA] = measure(swa, docs, tokenizer, args)
+        del swa
     for label, path in args.variants.items():
         if AutoTokenizer.from_pretrained(path, trust_remote_code=False).get_vocab() != tokenizer.get_vocab():
             raise SystemExit(f"{path}: not the teacher's tokenizer; the documents are the teacher's tokens")
@@ -132,7 +154,8 @@ def main() -> None:
         m["recovery"] = longctx.recovery(m["ce_by_position"], models[TEACHER]["ce_by_position"],
                                          models[SWA]["ce_by_position"], start=args.recovery_from)  # fmt: skip
     table = markdown(models, args, len(docs), length)
-    settings = {key: value for key, value in vars(args).items() if key not in ("variant", "variants")}
+    settings = {key: str(value) if isinstance(value, Path) else value
+                for key, value in vars(args).items() if key not in ("variant", "variants")}
     write_json(output / "ablation.json", {
         "teacher": args.teacher, "variants": args.variants, "settings": settings, "tokens_per_document": length,
         "documents": [doc.path for doc in longdocs.LONG_DOCUMENTS[: len(docs)]], "models": models,

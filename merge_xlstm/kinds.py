@@ -91,16 +91,33 @@ class HybridStudent(StudentKind):
     forget_bias: tuple[float, float] = Field(
         (3.0, 6.0), description="Initial forget-gate biases, spread linearly over the heads (memory length)."
     )
+    memory_keys: Literal["all", "evicted"] = Field(
+        "evicted", description="What the mLSTM state holds: only the keys the window has let go, positions "
+        "sinks..t-W (evicted: window and memory see disjoint keys, the split of the teacher's attention that "
+        "stage I's gate and memory terms teach), or every key of the document (all). Evicted is the default "
+        "because it recovered more of the teacher's long-context gain in every bin from 1K to 8K at 16M "
+        "stage-I tokens (docs/results, issue 12's ablation). A mixer without both branches, or without "
+        "memory_outside_window, falls back to all."
+    )
+
+    @model_validator(mode="after")
+    def _evicted_needs_the_window(self) -> HybridStudent:
+        if self.memory_keys == "evicted" and not (self.mixer == "hybrid" and self.memory_outside_window):
+            if "memory_keys" in self.model_fields_set:  # asked for: refuse; the default: fall back
+                raise ValueError("memory_keys evicted: needs mixer hybrid and memory_outside_window true (the "
+                                 "memory holds nothing until the window lets go of a key)")
+            self.memory_keys = "all"
+        return self
 
     def fit_stage1_loss(self, loss: Any) -> None:
         if self.mixer == "hybrid":
             return
         # The split terms need both branches and a gate: refuse them when asked for, else switch them off.
-        asked = [t for t in ("gate", "memory") if t in loss.model_fields_set and getattr(loss, t) > 0]
+        asked = [t for t in ("gate", "memory", "memory_share") if t in loss.model_fields_set and getattr(loss, t) > 0]
         if asked:
             raise ValueError(f"stage1.loss.{asked[0]}: needs student.mixer hybrid (both branches and a "
                              f"gate), got {self.mixer!r}; set it to 0")
-        loss.gate = loss.memory = 0.0
+        loss.gate = loss.memory = loss.memory_share = 0.0
 
 
 def check_slstm_at(slstm_at: list[int], num_blocks: int) -> None:

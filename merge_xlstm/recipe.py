@@ -99,6 +99,10 @@ class Stage1Loss(Strict):
     output: float = Field(1.0, ge=0)
     gate: float = Field(1.0, ge=0)
     memory: float = Field(1.0, ge=0)
+    memory_share: float = Field(
+        0.0, ge=0, description="memory with each position's mLSTM error weighted by the beyond-window share 1 - a "
+        "instead of its square (memory's residual is (1 - a)·(mLSTM - O))."
+    )
 
 
 class Stage1Spec(OptimSpec):

@@ -24,11 +24,11 @@ def aligned_layers(student: torch.nn.Module, x: torch.Tensor, position_ids: torc
     return list(student.model.align_layers(inputs, position_ids, reference=True))
 
 
-@pytest.fixture
-def setup() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+@pytest.fixture(params=["all", "evicted"])  # what the memory holds: every key, or those the window let go
+def setup(request: pytest.FixtureRequest) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     teacher = tiny_teacher("qwen2")  # GQA: 4 query heads on 2 KV heads
-    student = from_teacher(teacher, mixer="hybrid", window_size=W, num_sink_tokens=S)
+    student = from_teacher(teacher, mixer="hybrid", window_size=W, num_sink_tokens=S, memory_keys=request.param)
     x = torch.randn(2, T, teacher.config.hidden_size) * 3
     position_ids = torch.stack([torch.arange(T), torch.cat([torch.arange(15), torch.arange(T - 15)])])  # row 1: 2 docs
     return student, x, position_ids
@@ -71,6 +71,7 @@ def test_terms_vanish_at_the_teachers_split(setup) -> None:
         parts.q, parts.k, parts.v, parts.swa, parts.swa_lse, ideal_memory, exact_gate)})
     assert STAGE1_TERMS.get("gate").fn(ideal).item() == pytest.approx(0.0, abs=1e-5)
     assert STAGE1_TERMS.get("memory").fn(ideal).item() == pytest.approx(0.0, abs=1e-8)
+    assert STAGE1_TERMS.get("memory_share").fn(ideal).item() == pytest.approx(0.0, abs=1e-6)
     actual = LayerAlignment(target=layer["output"], **layer)
     assert STAGE1_TERMS.get("gate").fn(actual).item() > 1e-3  # the initial gate (0.5 or 0) is not the split
 
@@ -84,7 +85,7 @@ def test_binary_kl_is_zero_only_at_the_target() -> None:
 def test_training_on_the_split_moves_gate_and_memory_toward_the_teacher(setup) -> None:
     student, x, position_ids = setup
     params = new_parameters(student)
-    optimizer = torch.optim.Adam(params, lr=3e-2)
+    optimizer = torch.optim.Adam(params, lr=1e-2)
     history = []
     for _ in range(40):
         layers = [LayerAlignment(target=l["output"].detach(), **l) for l in aligned_layers(student, x, position_ids)]
@@ -95,3 +96,15 @@ def test_training_on_the_split_moves_gate_and_memory_toward_the_teacher(setup) -
         optimizer.step()
         history.append((gate.item(), memory.item()))
     assert history[-1][0] < 0.5 * history[0][0] and history[-1][1] < history[0][1]
+
+
+def test_memory_share_weighs_the_mlstm_error_by_the_share_not_its_square(setup) -> None:
+    """With the same share b everywhere, memory_share = memory / b²: the mLSTM error ||mLSTM - O||² itself."""
+    student, x, position_ids = setup
+    layer = aligned_layers(student, x, position_ids)[0]
+    valid = torch.ones_like(layer["valid"])
+    for b in (0.05, 0.5):
+        flat = LayerAlignment(target=layer["output"], **{**layer, "valid": valid,
+                                                         "beyond": torch.full_like(layer["beyond"], b)})
+        memory, share = STAGE1_TERMS.get("memory").fn(flat), STAGE1_TERMS.get("memory_share").fn(flat)
+        torch.testing.assert_close(share, memory / b**2, rtol=1e-5, atol=0)

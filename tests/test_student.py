@@ -6,10 +6,12 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from merge_xlstm.student import from_teacher, new_parameters
 from merge_xlstm.student.cache import output_cache
+from merge_xlstm.student.modeling_xlstm_hybrid import token_layout
 from merge_xlstm.testing import tiny_teacher
 
 FAMILIES = ["llama", "qwen2", "olmo2"]
@@ -58,10 +60,14 @@ def test_reused_weights_are_the_teachers_and_new_parameters_are_the_mixers(teach
     assert s_state[next(iter(t_state))].data_ptr() != t_state[next(iter(t_state))].data_ptr()  # a copy
 
 
-@pytest.mark.parametrize("mixer", ["hybrid", "mlstm"])
+MEMORIES = [{"mixer": "hybrid"}, {"mixer": "mlstm"}, {"mixer": "hybrid", "memory_keys": "evicted"}]
+MEMORY_IDS = ["hybrid", "mlstm", "evicted"]
+
+
+@pytest.mark.parametrize("options", MEMORIES, ids=MEMORY_IDS)
 @torch.no_grad()
-def test_parallel_equals_recurrent_and_chunked(teacher, mixer):
-    student = from_teacher(teacher, mixer=mixer, window_size=4, num_sink_tokens=2)
+def test_parallel_equals_recurrent_and_chunked(teacher, options):
+    student = from_teacher(teacher, window_size=4, num_sink_tokens=2, **options)
     x = ids(2, 21)
     parallel = student(x).logits
     out = student(x[:, :1], use_cache=True)
@@ -75,10 +81,10 @@ def test_parallel_equals_recurrent_and_chunked(teacher, mixer):
     torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), parallel, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("mixer", ["hybrid", "mlstm", "swa"])
+@pytest.mark.parametrize("options", [*MEMORIES, {"mixer": "swa"}], ids=[*MEMORY_IDS, "swa"])
 @torch.no_grad()
-def test_left_padded_batch_equals_each_sequence_alone(teacher, mixer):
-    student = from_teacher(teacher, mixer=mixer, window_size=4, num_sink_tokens=2)
+def test_left_padded_batch_equals_each_sequence_alone(teacher, options):
+    student = from_teacher(teacher, window_size=4, num_sink_tokens=2, **options)
     a, b = ids(1, 16, seed=1), ids(1, 11, seed=2)
     batch = torch.cat([a, torch.cat([torch.zeros(1, 5, dtype=torch.long), b], 1)])
     mask = torch.ones_like(batch)
@@ -88,10 +94,10 @@ def test_left_padded_batch_equals_each_sequence_alone(teacher, mixer):
     torch.testing.assert_close(logits[1:, 5:], student(b).logits, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("mixer", ["hybrid", "mlstm", "swa"])
+@pytest.mark.parametrize("options", [*MEMORIES, {"mixer": "swa"}], ids=[*MEMORY_IDS, "swa"])
 @torch.no_grad()
-def test_packed_documents_do_not_see_each_other(teacher, mixer):
-    student = from_teacher(teacher, mixer=mixer, window_size=4, num_sink_tokens=2)
+def test_packed_documents_do_not_see_each_other(teacher, options):
+    student = from_teacher(teacher, window_size=4, num_sink_tokens=2, **options)
     a, b = ids(1, 9, seed=3), ids(1, 13, seed=4)
     position_ids = torch.cat([torch.arange(9), torch.arange(13)])[None]
     logits = student(torch.cat([a, b], 1), position_ids=position_ids).logits
@@ -99,9 +105,10 @@ def test_packed_documents_do_not_see_each_other(teacher, mixer):
     torch.testing.assert_close(logits[:, 9:], student(b).logits, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("memory_keys", ["all", "evicted"])
 @torch.no_grad()
-def test_cached_greedy_generate_equals_uncached_rollout(teacher):
-    student = from_teacher(teacher, mixer="hybrid", window_size=4, num_sink_tokens=2)
+def test_cached_greedy_generate_equals_uncached_rollout(teacher, memory_keys):
+    student = from_teacher(teacher, mixer="hybrid", window_size=4, num_sink_tokens=2, memory_keys=memory_keys)
     prompt = ids(2, 6)
     mask = torch.ones_like(prompt)
     mask[1, :2] = 0
@@ -185,9 +192,10 @@ def test_memory_mixes_in_only_beyond_window_and_sinks(teacher):
     assert all(calls[0].shape == (2 * (20 - window - sinks), heads) and (calls[0] > 0.9).all() for calls in gates)
 
 
+@pytest.mark.parametrize("memory_keys", ["all", "evicted"])
 @torch.no_grad()
-def test_chunked_prefill_equals_one_pass(teacher):
-    student = from_teacher(teacher, mixer="hybrid", window_size=4, num_sink_tokens=2)
+def test_chunked_prefill_equals_one_pass(teacher, memory_keys):
+    student = from_teacher(teacher, mixer="hybrid", window_size=4, num_sink_tokens=2, memory_keys=memory_keys)
     x = ids(2, 23)
     whole = student(x, use_cache=True).logits
     student.config.prefill_chunk_length = 5
@@ -211,3 +219,43 @@ def test_bfloat16_on_cpu_runs_the_native_backends_close_to_float32(teacher):
     cached = torch.cat([first.logits, rest.logits], dim=1).float()
     for got in (autocast, cached):
         assert (got - want).norm() / want.norm() < 5e-2
+
+
+@torch.no_grad()
+def test_evicted_memory_holds_exactly_the_keys_the_window_let_go(teacher):
+    """memory_keys evicted: the mLSTM branch at t is the normalised mLSTM over keys sinks..t-W of the document,
+    each entering the state at its position + W (closed form in float64). Before W + sinks it holds no key,
+    and the gate is shut there (memory_outside_window, tested above)."""
+    window, sinks, T = 5, 2, 19
+    student = from_teacher(teacher, mixer="hybrid", window_size=window, num_sink_tokens=sinks, memory_keys="evicted")
+    student = student.double()
+    mixer = student.model.layers[1].self_attn
+    g = torch.Generator().manual_seed(0)
+    for p in (mixer.phi_q, mixer.phi_k, mixer.igate.weight, mixer.fgate.weight):
+        p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    x = torch.randn(2, T, teacher.config.hidden_size, generator=g, dtype=torch.float64)
+    layout, starts, rope_pos, _ = token_layout(None, None, (2, T), x.device, None, window, sinks)
+    rope = student.model.rotary_emb(x, rope_pos)
+    got = mixer.parts(x, rope, layout, starts).mlstm
+
+    H, Hkv, D = mixer.num_heads, mixer.num_kv_heads, mixer.head_dim
+    q, k = mixer.q_proj(x), mixer.k_proj(x)
+    if hasattr(mixer, "q_norm"):  # OLMo2
+        q, k = mixer.q_norm(q), mixer.k_norm(k)
+    q = q.view(2, T, H, D).transpose(1, 2)
+    k = k.view(2, T, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, 1)
+    v = mixer.v_proj(x).view(2, T, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, 1)
+    phi_q = torch.einsum("bhtd,hdf->bhtf", q, mixer.phi_q).softmax(-1)
+    phi_k = torch.einsum("bhtd,hdf->bhtf", k, mixer.phi_k).softmax(-1)
+    i, logf = mixer.igate(x).transpose(1, 2), F.logsigmoid(mixer.fgate(x)).transpose(1, 2)  # (B, H, T)
+    decay = logf.cumsum(-1)
+    t, s_ = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    held = (s_ >= sinks) & (s_ <= t - window)
+    entered = (torch.arange(T) + window).clamp(max=T - 1)  # key s enters the state at s + W, then decays
+    logw = decay[..., :, None] - decay[..., entered][..., None, :] + i[..., None, :]
+    start = window + sinks  # the first query with a key to remember
+    logw = logw[..., start:, :].masked_fill(~held[start:], float("-inf"))
+    w = torch.exp(logw - logw.amax(-1, keepdim=True)) * (phi_q[..., start:, :] @ phi_k.transpose(-1, -2))
+    want = (w @ v) / w.sum(-1, keepdim=True)
+    # the native kernels compute in float32
+    torch.testing.assert_close(got[:, :, start:], want, atol=1e-5, rtol=1e-4)

@@ -17,7 +17,8 @@ is dead. The teacher's attention, however, splits *exactly* into the window part
 which is the student's form with o_t = 1 - a_t and mLSTM_t = O_t. The ``gate`` term teaches o the
 teacher's beyond-window mass (binary KL against 1 - a), the ``memory`` term teaches the
 mLSTM branch the beyond-window part with the gate held at the teacher's value
-(||(1 - a)·mLSTM + a·SWA - A||² per head). Both need the teacher's full attention per head, which the
+(||(1 - a)·mLSTM + a·SWA - A||² per head), ``memory_share`` the same with each position's error weighted
+by 1 - a instead of (1 - a)². Both need the teacher's full attention per head, which the
 student computes from its own (teacher-copied, frozen) q, k, v. Every term is a registry entry;
 the recipe weighs them (``stage1.loss``).
 """
@@ -112,6 +113,26 @@ STAGE1_TERMS.register("memory")(Term(
     ),
     needs_reference=True,
 ))
+
+# Below this share b of the teacher's attention beyond the window, the beyond part is too small to pin down
+# the mLSTM's target (its error is the residual over b): memory_share's weight stops growing there.
+MIN_SHARE = 0.01
+
+
+def _memory_share(a: LayerAlignment) -> Tensor:
+    """The memory term's error with each position weighted by b instead of b².
+
+    The residual lerp(SWA, mLSTM, b) - A is b·(mLSTM - O), O the teacher's attention over the keys beyond
+    the window, so ``memory`` weighs the mLSTM's error by b²: with b ~ 0.05 in most heads the branch barely
+    learns O. This term is sum ||r||²/b over sum b, each position's ||mLSTM - O||² weighted by its share b.
+    """
+    residual = (torch.lerp(a.parts.swa.float(), a.parts.mlstm.float(), a.beyond[..., None]) - a.reference)
+    weight = a.valid[:, None, :].float()
+    share = (residual.square().mean(-1) / a.beyond.clamp_min(MIN_SHARE) * weight).sum()
+    return share / (a.beyond * weight).sum().clamp_min(1e-6)
+
+
+STAGE1_TERMS.register("memory_share")(Term(_memory_share, needs_reference=True))
 
 
 class MixerAlignment(nn.Module):

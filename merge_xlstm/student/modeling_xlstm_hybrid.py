@@ -23,6 +23,12 @@ Design decisions the paper leaves open (each measured or tested, see tests/ and 
   (a convex combination of values) with gated decay. mlstm_kernels' own denominator
   max(|phi(q) n|, e^-m) would add a floor, and its fused backward ignores the denominator's gradient;
   `kernels.MLSTMBackend` computes the exact ratio with exact gradients on every backend.
+- Memory keys: by default (``memory_keys="evicted"``) the mLSTM state takes each key when the window
+  lets go of it: at token t the key, value and input gate of token t - W enter (past the sinks, same
+  document), so C_t holds exactly the keys SWA no longer sees, and o·mLSTM + (1 - o)·SWA has the form of
+  the teacher's attention split at the window's edge. With every key (``"all"``) the recent keys the
+  window already covers dominate the decayed state. The cache's ring of the last W keys is where a
+  decode step finds the key it evicts.
 - Initialisation: feature maps start as the identity (phi = softmax of q or k itself); forget-gate
   biases spread over [3, 6] across heads (memories of ~20 to ~400 tokens, as in xLSTM); gate weights
   and the input-gate bias start at zero (a constant input gate cancels in the normalised ratio); the
@@ -98,7 +104,8 @@ class XLSTMHybridConfig(RecurrentLayerTypes, PreTrainedConfig):
 
     teacher_family: str = "llama"
     # The kind's defaults (merge_xlstm.kinds.HybridStudent), also what a saved config.json omitting them means;
-    # except memory_outside_window: configs saved before the option existed omit it and mean "off".
+    # except memory_outside_window and memory_keys: configs saved before these options existed omit them and
+    # mean "off" and "all".
     mixer: str = _KIND_FIELDS["mixer"].default
     window_size: int = _KIND_FIELDS["window_size"].default
     num_sink_tokens: int = _KIND_FIELDS["num_sink_tokens"].default
@@ -106,11 +113,12 @@ class XLSTMHybridConfig(RecurrentLayerTypes, PreTrainedConfig):
     mlstm_rope: bool = _KIND_FIELDS["mlstm_rope"].default
     memory_outside_window: bool = False
     forget_bias: tuple[float, float] = _KIND_FIELDS["forget_bias"].default
+    memory_keys: str = "all"
     prefill_chunk_length: int = 16384
 
     def teacher_config(self) -> PreTrainedConfig:
         own = {"teacher_family", "mixer", "window_size", "num_sink_tokens", "feature_dim", "mlstm_rope",
-               "memory_outside_window", "forget_bias", "prefill_chunk_length", "layer_types"}
+               "memory_outside_window", "forget_bias", "memory_keys", "prefill_chunk_length", "layer_types"}
         fields = {k: v for k, v in self.to_dict().items() if k not in own and k != "model_type"}
         return FAMILIES.get(self.teacher_family).config_class.from_dict(fields)
 
@@ -164,6 +172,35 @@ class XLSTMHybridLayerCache(RecurrentLayer):
         self.advance(key_states.shape[2])
         return keys, values
 
+    def evicted(self, keys: Tensor, values: Tensor, igates: Tensor, plan: "CachePlan", window: int) -> tuple[Tensor, ...]:
+        """The memory's inputs under ``memory_keys: evicted``: for each new token, the memory key (B, Hkv, T, D),
+        value and input-gate pre-activation (B, T, H) of the token ``window`` positions before it.
+
+        The first min(T, W) of those tokens are in the ring (read in position order, before this step's
+        writes), the rest among the new tokens. The new tokens' memory keys and input gates are stored
+        in their slots (their values are the window's, which :meth:`update` stores afterwards).
+        Which of the returned entries the memory may take (the token is a key of the same document
+        past the sinks) is the caller's rule.
+        """
+        B, Hkv, T, D = keys.shape
+        if "memory_keys" not in self.state:
+            slots = self.state["keys"].shape[2]
+            self.allocate({"memory_keys": keys.new_zeros(B, Hkv, slots, D),
+                           "igates": igates.new_zeros(B, slots, igates.shape[-1])})
+        sinks = self.state["keys"].shape[2] - window - 1
+        n = min(T, window)
+        before = self.state["seen"][:, None] - window + torch.arange(n, device=keys.device)  # their positions
+        slot = sinks + (before - sinks).remainder(window)  # (B, n); meaningless below the sinks, never taken
+        ring = [
+            self.state["memory_keys"].gather(2, slot[:, None, :, None].expand(B, Hkv, n, D)),
+            self.state["values"].gather(2, slot[:, None, :, None].expand(B, Hkv, n, values.shape[-1])),
+            self.state["igates"].gather(1, slot[:, :, None].expand(B, n, igates.shape[-1])),
+        ]
+        out = shift_in(ring[0], keys, 2), shift_in(ring[1], values, 2), shift_in(ring[2], igates, 1)
+        self.state["memory_keys"].scatter_(2, plan.slots[:, None, :, None].expand_as(keys), keys)
+        self.state["igates"].scatter_(1, plan.slots[:, :, None].expand_as(igates), igates)
+        return out
+
     def update_mlstm_state(self, state: MLSTMState) -> None:
         if "C" not in self.state:
             self.allocate(dict(zip("Cnm", state)))
@@ -213,6 +250,7 @@ class HybridMixer(nn.Module):
         self.mlstm_rope = config.mlstm_rope
         self.memory_outside_window = config.memory_outside_window
         self.forget_bias = tuple(config.forget_bias)
+        self.memory_keys = config.memory_keys
         hidden, H, Hkv, D = teacher_config.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
         qkv_bias = family.qkv_bias(teacher_config)
         self.q_proj = nn.Linear(hidden, H * D, bias=qkv_bias)
@@ -302,9 +340,12 @@ class HybridMixer(nn.Module):
         k = k.view(B, T, Hkv, D).transpose(1, 2)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
         q_rot, k_rot = apply_rotary_pos_emb(q, k, *rope)
-        keys, values = k_rot, v
         if cache is not None:
             cache.prepare(k_rot, v, self.sinks, self.window)
+        if self.mixer in ("hybrid", "mlstm"):  # before the cache update: the evicted keys may be in its ring
+            memory = self._memory_inputs(x, *((q_rot, k_rot) if self.mlstm_rope else (q, k)), v, layout, cache, plan)
+        keys, values = k_rot, v
+        if cache is not None:
             keys, values = cache.update(k_rot, v, plan)
         swa = lse = mlstm = o = None
         if self.mixer in ("hybrid", "swa"):
@@ -312,10 +353,9 @@ class HybridMixer(nn.Module):
             if swa_lse:
                 swa, lse = swa
         if self.mixer in ("hybrid", "mlstm"):
-            mq, mk = (q_rot, k_rot) if self.mlstm_rope else (q, k)
             initial = cache.mlstm_state if cache is not None else None
             mlstm, last = self._mlstm(
-                x, mq, mk, v, layout.q_valid, starts, initial, cache is not None,
+                *memory, layout.q_valid, starts, initial, cache is not None,
                 self.mlstm_backend or default_backends(x.device)[0],
             )
             if cache is not None:
@@ -337,12 +377,35 @@ class HybridMixer(nn.Module):
         backend = SWA_BACKENDS.get(self.swa_backend or default_backends(q.device)[1])
         return backend(q, k, v, layout, self.scaling, return_lse=return_lse)
 
+    def _memory_inputs(
+        self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout,
+        cache: XLSTMHybridLayerCache | None, plan: "CachePlan | None",
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The mLSTM's q (B, H, T, D), k, v (B, Hkv, T, D) and input/forget-gate pre-activations (B, T, H).
+
+        With ``memory_keys: evicted`` the state takes each key when the window lets go of it: at token t
+        the key, value and input gate of token t - W, if that token is of the same document and past the
+        sinks (else the input gate is shut), so the memory holds exactly the keys SWA no longer sees.
+        """
+        i, f = self.igate(x), self.fgate(x)
+        if self.memory_keys == "evicted":
+            if cache is not None:
+                k, v, i = cache.evicted(k, v, i, plan, self.window)
+            else:
+                B, Hkv, T, D = k.shape
+                k, v = shift_in(k.new_zeros(B, Hkv, min(T, self.window), D), k, 2), shift_in(
+                    v.new_zeros(B, Hkv, min(T, self.window), v.shape[-1]), v, 2)
+                i = shift_in(i.new_zeros(B, min(T, self.window), i.shape[-1]), i, 1)
+            i = torch.where((layout.q_pos >= self.window + self.sinks)[..., None], i, -GATE)
+        return q, k, v, i, f
+
     def _mlstm(
         self,
-        x: Tensor,
         q: Tensor,
         k: Tensor,
         v: Tensor,
+        i: Tensor,
+        f: Tensor,
         valid: Tensor,
         starts: Tensor,
         initial: MLSTMState | None,
@@ -357,11 +420,17 @@ class HybridMixer(nn.Module):
         phi_q = torch.softmax(torch.einsum("bhtd,hdf->bhtf", q, self.phi_q), dim=-1)
         phi_k = torch.softmax(torch.einsum("bgtd,gjdf->bgjtf", k, phi_k_w), dim=-1).flatten(1, 2)
         v = v.repeat_interleave(groups, dim=1)
-        i, f = gate_preactivations(self.igate(x), self.fgate(x), valid, starts)
+        i, f = gate_preactivations(i, f, valid, starts)
         out, last = MLSTM_BACKENDS.get(backend)(
             phi_q.to(v.dtype), phi_k.to(v.dtype), v, i.to(v.dtype), f.to(v.dtype), initial, return_state=return_state
         )
         return out.to(v.dtype), last
+
+
+def shift_in(head: Tensor, x: Tensor, dim: int) -> Tensor:
+    """x delayed along `dim` by head's length, `head` filling the first slots: entry t of the result is
+    x's entry t - len(head), or head's entry t where that is before x begins. Same shape as x."""
+    return torch.cat([head, x], dim=dim).narrow(dim, 0, x.shape[dim])
 
 
 def gate_preactivations(i: Tensor, f: Tensor, valid: Tensor, starts: Tensor) -> tuple[Tensor, Tensor]:
