@@ -51,9 +51,16 @@ def test_the_student_on_flex_prefills_into_a_cache_and_continues_like_one_pass()
     want = student(x, attention_mask=mask).logits
     student.model.set_backends(swa="flex")
     first = student(x[:, :160], attention_mask=mask[:, :160], use_cache=True)
-    rest = student(x[:, 160:], attention_mask=mask, use_cache=True, **{CACHE_FIELD: output_cache(first)})
+    rules = []
+    original = TokenLayout._index_rule
+    TokenLayout._index_rule = lambda self, offset: rules.append(offset) or original(self, offset)
+    try:
+        rest = student(x[:, 160:], attention_mask=mask, use_cache=True, **{CACHE_FIELD: output_cache(first)})
+    finally:
+        TokenLayout._index_rule = original
     got = torch.cat([first.logits, rest.logits], dim=1)
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=0)
+    assert rules == [3 + 40]  # the continuation's slots came in position order: the index rule, once a pass
 
 
 def _grid(rule, B: int, Tq: int, Tk: int) -> torch.Tensor:
@@ -67,18 +74,23 @@ def test_a_one_document_layout_takes_the_index_rule_which_equals_the_token_rule(
     document per row (an uncached pass, a prefill into a fresh cache) it is written from the indices
     alone, and must allow exactly what the per-token rule allows, with queries at the end of the keys."""
     W, S = 40, 3
-    for B, Tq, Tk in ((2, 300, 300), (1, 200, 260)):
-        pos = torch.arange(Tk).expand(B, Tk)
+    for B, Tq, Tk, start in ((2, 300, 300, 0), (1, 200, 260, 0), (2, 150, S + W + 150, 1000)):
+        # start > 0: a long pass continuing a cache, its slots in position order: the sinks, then the last
+        # W positions before the queries (CachePlan.order)
+        pos = torch.cat([torch.arange(S), torch.arange(start + S, start + Tk)]).expand(B, Tk)
         ones = torch.ones(B, Tk, dtype=torch.long)
         layout = TokenLayout(ones[:, -Tq:], pos[:, -Tq:], ones[:, -Tq:].bool(), ones, pos, ones.bool(), W, S)
         assert layout.is_one_document()
+        shuffled = torch.cat([pos[:, :S], pos[:, S:].roll(7, 1)], 1)  # slot order: not one run
+        assert not TokenLayout(ones[:, -Tq:], shuffled[:, -Tq:], ones[:, -Tq:].bool(), ones, shuffled, ones.bool(),
+                               W, S).is_one_document()
         fast, general = layout._index_rule(Tk - Tq), layout._token_rule()
         assert torch.equal(_grid(fast, B, Tq, Tk), _grid(general, B, Tq, Tk))
         assert torch.equal(_grid(fast, B, Tq, Tk), layout.dense_mask()[:, 0])
         assert torch.equal(layout.block_mask().to_dense(), create_block_mask(general, B, None, Tq, Tk, device="cpu").to_dense())
 
 
-def test_packed_padded_or_cached_layouts_read_every_token() -> None:
+def test_packed_padded_or_short_cached_layouts_read_every_token() -> None:
     student = from_teacher(tiny_teacher("llama"), mixer="hybrid", window_size=40, num_sink_tokens=3)
     x = torch.randint(0, student.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(0))
     seen: list[bool] = []
@@ -97,5 +109,6 @@ def test_packed_padded_or_cached_layouts_read_every_token() -> None:
         padded[1, :7] = 0
         student(x, attention_mask=padded)
         first = student(x[:, :160], use_cache=True)  # a fresh cache: its own keys only
-        student(x[:, 160:], use_cache=True, **{CACHE_FIELD: output_cache(first)})  # cached slots first
-    assert seen == [True, False, False, True, False]
+        rest = student(x[:, 160:], use_cache=True, **{CACHE_FIELD: output_cache(first)})  # slots in position order
+        student(x[:, :5], use_cache=True, **{CACHE_FIELD: output_cache(rest)})  # a short step: slot order
+    assert seen == [True, False, False, True, True, False]

@@ -204,6 +204,18 @@ def test_chunked_prefill_equals_one_pass(teacher, memory_keys):
     assert output_cache(chunked).get_seq_length() == 23
 
 
+@pytest.mark.parametrize("memory_keys", ["all", "evicted"])
+@torch.no_grad()
+def test_long_chunks_read_the_cached_slots_in_position_order(teacher, memory_keys):
+    """Chunks of FlexAttention's size continue the cache with its slots in position order (CachePlan.order):
+    the same logits as one pass, the window's ring wrapped around several times."""
+    student = from_teacher(teacher, mixer="hybrid", window_size=16, num_sink_tokens=2, memory_keys=memory_keys)
+    x = ids(2, 300)
+    whole = student(x, use_cache=True).logits
+    student.config.prefill_chunk_length = 135  # not a multiple of the window: the ring starts mid-way
+    torch.testing.assert_close(student(x, use_cache=True).logits, whole, atol=ATOL, rtol=0)
+
+
 @torch.no_grad()
 def test_bfloat16_on_cpu_runs_the_native_backends_close_to_float32(teacher):
     """`precision: bf16` on a CPU: float32 weights under bf16 autocast (training) and bf16 weights (serving)

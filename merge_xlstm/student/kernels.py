@@ -158,18 +158,28 @@ class TokenLayout:
         return self.masks["block"]
 
     def is_one_document(self) -> bool:
-        """Every row one document without padding, keys at positions 0..Tk-1, the queries the last Tq of
-        them: an uncached pass over unpacked rows, or a prefill into a fresh cache (one host sync)."""
+        """Every row one document without padding whose keys are its first `sinks` positions (or fewer)
+        followed by one run of consecutive positions that ends with the queries: an uncached pass over
+        unpacked rows, a prefill into a fresh cache (keys 0..T-1), or a long pass continuing a cache whose
+        slots come in position order (sinks, then the last W positions: CachePlan.order). Distances inside
+        the run are distances in positions, so the rule can be written from indices (one host sync)."""
         (_, Tq), Tk = self.q_doc.shape, self.k_doc.shape[1]
-        positions = torch.arange(Tk, device=self.k_pos.device)
+        if Tq > Tk:
+            return False
+        head = min(self.sinks, Tk)
+        index = torch.arange(Tk, device=self.k_pos.device)
+        run = self.k_pos[:, head:]
         return bool(
             self.k_valid.all() & self.q_valid.all() & (self.k_doc == self.k_doc[:, :1]).all()
             & (self.q_doc == self.k_doc[:, :1]).all()
-            & (self.k_pos == positions).all() & (self.q_pos == positions[Tk - Tq :]).all()
+            & (self.k_pos[:, :head] == index[:head]).all()
+            & (run == run[:, :1] + index[: Tk - head]).all() & (run[:, :1] >= head).all()
+            & (self.q_pos == self.k_pos[:, Tk - Tq :]).all()
         )
 
     def _index_rule(self, offset: int) -> Callable[..., Tensor]:
-        """The rule of a one-document layout: query qi sits at position qi + offset, key ki at ki."""
+        """The rule of a one-document layout: query qi is key qi + offset; keys below `sinks` are the sinks,
+        the others one run of positions, in which index distances are position distances."""
         window, sinks = self.window, self.sinks
 
         def mask_mod(b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:

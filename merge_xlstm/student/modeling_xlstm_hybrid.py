@@ -72,6 +72,7 @@ from merge_xlstm.student.cache import (
 )
 from merge_xlstm.student.families import FAMILIES, Family
 from merge_xlstm.student.kernels import (
+    FLEX_MIN_QUERIES,
     MLSTM_BACKENDS,
     SWA_BACKENDS,
     MLSTMState,
@@ -159,8 +160,14 @@ class XLSTMHybridLayerCache(RecurrentLayer):
         """Return the keys/values a step attends to (cached slots, then the step's own), then store the step's."""
         keys, values = key_states, value_states
         if plan.with_slots:
-            keys = torch.cat([self.state["keys"][:, :, :-1], key_states], dim=2)
-            values = torch.cat([self.state["values"][:, :, :-1], value_states], dim=2)
+            cached_keys, cached_values = self.state["keys"][:, :, :-1], self.state["values"][:, :, :-1]
+            if plan.order is not None:  # the slots in position order (see CachePlan.order)
+                index = plan.order[:, None, :, None]
+                cached_keys = cached_keys.gather(2, index.expand(*cached_keys.shape[:2], -1, cached_keys.shape[-1]))
+                cached_values = cached_values.gather(
+                    2, index.expand(*cached_values.shape[:2], -1, cached_values.shape[-1]))
+            keys = torch.cat([cached_keys, key_states], dim=2)
+            values = torch.cat([cached_values, value_states], dim=2)
         index = plan.slots[:, None, :, None]
         self.state["keys"].scatter_(2, index.expand_as(key_states), key_states)
         self.state["values"].scatter_(2, index.expand_as(value_states), value_states)
@@ -189,8 +196,7 @@ class XLSTMHybridLayerCache(RecurrentLayer):
                            "igates": igates.new_zeros(B, slots, igates.shape[-1])})
         sinks = self.state["keys"].shape[2] - window - 1
         n = min(T, window)
-        before = self.state["seen"][:, None] - window + torch.arange(n, device=keys.device)  # their positions
-        slot = sinks + (before - sinks).remainder(window)  # (B, n); meaningless below the sinks, never taken
+        slot = ring_slots(self.state["seen"], window, sinks, n)  # meaningless below the sinks, never taken
         ring = [
             self.state["memory_keys"].gather(2, slot[:, None, :, None].expand(B, Hkv, n, D)),
             self.state["values"].gather(2, slot[:, None, :, None].expand(B, Hkv, n, values.shape[-1])),
@@ -427,6 +433,13 @@ class HybridMixer(nn.Module):
         return out.to(v.dtype), last
 
 
+def ring_slots(seen: Tensor, window: int, sinks: int, count: int) -> Tensor:
+    """(B, count) the ring slots of positions seen - W, seen - W + 1, ...: the oldest `count` tokens of the
+    window before a row's next position `seen` (a slot's content is that position's only where it is >= sinks)."""
+    before = seen[:, None] - window + torch.arange(count, device=seen.device)
+    return sinks + (before - sinks).remainder(window)
+
+
 def shift_in(head: Tensor, x: Tensor, dim: int) -> Tensor:
     """x delayed along `dim` by head's length, `head` filling the first slots: entry t of the result is
     x's entry t - len(head), or head's entry t where that is before x begins. Same shape as x."""
@@ -461,6 +474,12 @@ class CachePlan:
     # (the prefill) attends to its own keys alone: queries and keys then line up block for block, the
     # layout FlexAttention's block mask handles best, instead of trailing S + W + 1 empty slots.
     with_slots: bool = True
+    # (B, S + W) the cached slots in position order (sinks, then the ring from its oldest token), or None
+    # for slot order. A pass long enough for FlexAttention reads them in this order: its keys are then the
+    # sinks followed by one run of positions ending at the queries, a layout whose rule FlexAttention
+    # evaluates from indices alone (TokenLayout.is_one_document). Short steps keep slot order: their dense
+    # mask does not care, and a decode step skips the gather.
+    order: Tensor | None = None
 
 
 def token_layout(
@@ -497,8 +516,14 @@ def token_layout(
     k_doc, k_pos, k_valid = doc, pos, valid
     plan = None
     if cache is not None:
+        order = None
         if cached:  # the cached slots' keys come first (see CachePlan.with_slots)
-            k_pos = torch.cat([first.state["positions"][:, :-1], pos], dim=1)
+            slot_pos = first.state["positions"][:, :-1]
+            if T >= FLEX_MIN_QUERIES:
+                ring = ring_slots(seen, window, sinks, window)
+                order = torch.cat([torch.arange(sinks, device=device).expand(B, sinks), ring], dim=1)
+                slot_pos = slot_pos.gather(1, order)
+            k_pos = torch.cat([slot_pos, pos], dim=1)
             k_valid = k_pos >= 0
             k_doc = torch.cat([doc.new_zeros(B, sinks + window), doc], dim=1)
         last_doc = torch.where(valid, doc, -1).max(1).values.clamp_min(0)  # (B,)
@@ -513,6 +538,7 @@ def token_layout(
             restart=last_doc > 0,
             seen=torch.where(last_pos >= 0, last_pos + 1, seen),
             with_slots=cached,
+            order=order,
         )
     layout = TokenLayout(doc, pos, valid, k_doc, k_pos, k_valid, window=window, sinks=sinks)
     return layout, starts, position_ids, plan
