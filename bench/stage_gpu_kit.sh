@@ -5,8 +5,9 @@
 #                chitchat-dataset), taken from this machine's install
 #   .gpu/gguf0../  the SmolLM2-135M-Instruct GGUF (98 MB) in PARTS parts (default 3, 33 MB each), its
 #                  SHA-256 and the number of parts in .gpu/kit
-# A call may carry 64 MiB with the project (0.7 MB): with 3 parts, call 1 carries kit + gguf0 (60 MiB),
-# call 2 gguf1 + gguf2 (63 MiB); if the project has grown past ~0.8 MiB more, use 4 parts and a third call.
+# A call may carry 64 MiB with the project: with 3 parts, call 1 carries kit + gguf0 (60 MiB), call 2
+# gguf1 + gguf2 (63 MiB) only while the project stays under ~1 MiB; since the GPU results were committed
+# (2 MB, 2026-11-30) carry gguf1 and gguf2 in calls of their own (or stage 4 parts).
 # Usage: bench/stage_gpu_kit.sh [PYTHON] [PARTS]   (PYTHON: an interpreter with the offline packages installed)
 set -euo pipefail
 python=${1:-.venv/bin/python}

@@ -197,3 +197,13 @@ def test_a_budget_beyond_free_disk_is_refused_before_the_teacher_loads(workspace
     assert line.startswith(f"{recipe}: stage2.tokens: needs about "), line
     assert "top-8 targets" in line and "stage-II checkpoint and expert" in line and line.endswith("GB free")
     assert not (workspace / "experts").exists()
+
+
+def test_a_seed_only_run_asks_for_the_seeds_disk_not_stage_twos(workspace, capsys, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    recipe = write_recipe(workspace, "code")
+    line = refusal(capsys, cli(["linearize", str(recipe), "--seed-only"]))
+    assert "packed rows" in line and "seed" in line, line
+    assert "targets" not in line and "stage-II" not in line, line
+    assert not (workspace / "experts").exists()

@@ -145,7 +145,8 @@ def linearize(recipe: LinearizeRecipe, *, device: str | None = None, source: str
 def build_seed(recipe: LinearizeRecipe, *, device: str | None = None, source: str | None = None) -> Path:
     """Only the shared seed (stage I, or reuse it): what `run` builds once before experts run in parallel."""
     teacher_dir, teacher_digest = teacher_content(recipe)
-    check_before_work(recipe, teacher_dir, teacher_digest, seed_key(recipe, teacher_digest), cache_dir(), source)
+    check_before_work(recipe, teacher_dir, teacher_digest, seed_key(recipe, teacher_digest), cache_dir(), source,
+                      seed_only=True)
     if (seed_dir := _reused_seed(recipe)) is not None:
         return seed_dir
     accelerator = make_accelerator(device, recipe.precision)

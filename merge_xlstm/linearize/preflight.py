@@ -57,9 +57,13 @@ def targets_dir(cache: Path, teacher_digest: str, data_key: str, top_k: int, dty
 
 
 def check_before_work(
-    recipe: LinearizeRecipe, teacher_dir: Path, teacher_digest: str, seed_key: str, cache: Path, source: str | None
+    recipe: LinearizeRecipe, teacher_dir: Path, teacher_digest: str, seed_key: str, cache: Path, source: str | None,
+    *, seed_only: bool = False,
 ) -> None:
-    """Refuse, in one line naming the file and field, every run that would fail for a reason known now."""
+    """Refuse, in one line naming the file and field, every run that would fail for a reason known now.
+
+    `seed_only`: the run builds the seed and stops, so stage II's disk (targets, checkpoint, expert) is not asked for.
+    """
 
     def at(field: str) -> str:
         return f"{source}: {field}" if source else field
@@ -81,7 +85,8 @@ def check_before_work(
         raise exc.located_in(source) if source else exc from None
     params = sum(math.prod(shape) for shard in teacher_shards for shape in tensor_shapes(shard).values())
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir, trust_remote_code=False)
-    check_budget(recipe, tokenizer, params, teacher_digest, cache, seed_missing=seed_meta.get("kind") != "seed", at=at)
+    check_budget(recipe, tokenizer, params, teacher_digest, cache, seed_missing=seed_meta.get("kind") != "seed",
+                 seed_only=seed_only, at=at)
 
 
 def check_budget(
@@ -92,6 +97,7 @@ def check_budget(
     cache: Path,
     *,
     seed_missing: bool,
+    seed_only: bool = False,
     at: Callable[[str], str],
 ) -> None:
     """Memory for packing the rows, disk for rows, targets, checkpoints and models, minus what exists."""
@@ -108,11 +114,12 @@ def check_budget(
     stored = targets_dir(cache, teacher_digest, data_key, top_k, recipe.stage2.targets_dtype)
     done = sum(f.stat().st_size for f in stored.glob("*.safetensors")) if stored.is_dir() else 0
     model_bytes = teacher_params * FLOAT32_BYTES  # the student has the teacher's size, give or take its mixers
-    needs = [
-        (cache, 0 if packed else packed_tokens * PACKED_BYTES_PER_TOKEN, "packed rows"),
-        (cache, max(0, target_rows * bytes_per_row(seq_len, top_k, vocab_size) - done), f"top-{top_k} targets"),
-        (Path(recipe.output), model_bytes * STAGE2_MODEL_COPIES, "stage-II checkpoint and expert"),
-    ]
+    needs = [(cache, 0 if packed else packed_tokens * PACKED_BYTES_PER_TOKEN, "packed rows")]
+    if not seed_only:
+        needs += [
+            (cache, max(0, target_rows * bytes_per_row(seq_len, top_k, vocab_size) - done), f"top-{top_k} targets"),
+            (Path(recipe.output), model_bytes * STAGE2_MODEL_COPIES, "stage-II checkpoint and expert"),
+        ]
     if seed_missing:
         needs.append((Path(recipe.seed), model_bytes, "seed"))
     check_free_disk(needs, tokens_field)
