@@ -18,7 +18,9 @@
 #            beyond-window share b, not b²);
 #   evicted8k: evicted with stage I on 8,192-token rows (8 a step: the same tokens per step), so the memory
 #            trains on keys up to 7.7K tokens beyond the window instead of 1.5K;
-#   evicted8m: evicted with 8M stage-I tokens (128 steps instead of 32).
+#   evicted8m: evicted with 8M stage-I tokens (128 steps instead of 32);
+#   evictedat: evicted plus the attention_transfer term (the memory's weights over its keys against the
+#            teacher's attention weights beyond the window, at 64 queries a row; not yet run on a GPU).
 # The 2026-11-30 ablation ran paper and split (docs/results/longctx_ablation); the same teacher, data and
 # tokens give the same figures, so a later call may run only the new ones. $OUT gets ablation.json,
 # ablation.md, ce_by_position.png and stage1_metrics.tar.gz (each seed's stage-I metrics).
@@ -49,6 +51,8 @@ train() {     # train GPU VARIANT...: the variants one after another on one GPU
             evicted8k) extra=(--set student.memory_keys=evicted --set data.seq_len=8192 --set stage1.batch_size=8
                               --set stage1.micro_batch_size=8) ;;
             evicted8m) extra=(--set student.memory_keys=evicted --set stage1.tokens=8388608) ;;
+            evictedat) extra=(--set student.memory_keys=evicted
+                              --set 'stage1.loss={output: 1.0, gate: 1.0, memory: 1.0, attention_transfer: 1.0}') ;;
             *) echo "unknown variant $v" >&2; return 2 ;;
         esac
         CUDA_VISIBLE_DEVICES=$gpu python3 -m merge_xlstm linearize recipes/code.yaml "${common[@]}" \

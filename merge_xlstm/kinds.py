@@ -113,11 +113,12 @@ class HybridStudent(StudentKind):
         if self.mixer == "hybrid":
             return
         # The split terms need both branches and a gate: refuse them when asked for, else switch them off.
-        asked = [t for t in ("gate", "memory", "memory_share") if t in loss.model_fields_set and getattr(loss, t) > 0]
+        terms = ("gate", "memory", "memory_share", "attention_transfer")
+        asked = [t for t in terms if t in loss.model_fields_set and getattr(loss, t) > 0]
         if asked:
             raise ValueError(f"stage1.loss.{asked[0]}: needs student.mixer hybrid (both branches and a "
                              f"gate), got {self.mixer!r}; set it to 0")
-        loss.gate = loss.memory = loss.memory_share = 0.0
+        loss.gate = loss.memory = loss.memory_share = loss.attention_transfer = 0.0
 
 
 def check_slstm_at(slstm_at: list[int], num_blocks: int) -> None:

@@ -103,6 +103,10 @@ class Stage1Loss(Strict):
         0.0, ge=0, description="memory with each position's mLSTM error weighted by the beyond-window share 1 - a "
         "instead of its square (memory's residual is (1 - a)·(mLSTM - O))."
     )
+    attention_transfer: float = Field(
+        0.0, ge=0, description="KL from the teacher's attention weights over the keys beyond the window to the "
+        "memory's weights over its keys, at stage1.attention_queries queries a row, each weighted by 1 - a."
+    )
 
 
 class Stage1Spec(OptimSpec):
@@ -116,6 +120,10 @@ class Stage1Spec(OptimSpec):
         "and saturate the sigmoid, which then passes no gradient (docs/results, issue 12's ablation)."
     )
     loss: Stage1Loss = Field(default_factory=Stage1Loss)
+    attention_queries: int = Field(
+        64, ge=1, description="Query positions a row (spread over those beyond the window) at which the "
+        "attention_transfer term compares attention weights: its cost is queries x row length per head."
+    )
 
 
 class LoraSpec(Strict):

@@ -166,3 +166,25 @@ def test_stage1_steps_the_output_gate_at_its_share_of_the_learning_rate(tmp_path
     for name, full in moved[0].items():
         want = full * 0.1 if name in gates else full
         torch.testing.assert_close(moved[1][name], want, rtol=1e-4, atol=1e-9, msg=name)
+
+
+def test_stage1_trains_every_term_on_the_evicted_memory(tmp_path):
+    """All of stage I's terms at once, attention transfer at sampled queries included, on the default
+    memory (evicted keys): each is logged per layer, finite, and the loss falls."""
+    teacher = tiny_teacher("qwen2")
+    student = from_teacher(teacher, mixer="hybrid", window_size=4, num_sink_tokens=2)
+    assert student.config.memory_keys == "evicted"
+    terms = {"output": 1.0, "gate": 1.0, "memory": 1.0, "memory_share": 1.0, "attention_transfer": 1.0}
+    recipe = LinearizeRecipe.model_validate({
+        "name": "t", "teacher": "org/tiny", "data": {"sources": [{"path": "org/data"}], "seq_len": 32},
+        "stage1": {"tokens": 32 * 4 * 15, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2, "warmup_steps": 2,
+                   "log_every": 1, "loss": terms, "attention_queries": 8},
+        "stage2": {"tokens": 1}, "seed": str(tmp_path / "seed"), "output": str(tmp_path / "out"),
+    })
+    run_stage1(Stage1Job.of(recipe), teacher=teacher, student=student, dataset=packed_rows(16, 32),
+               accelerator=make_accelerator("cpu", "fp32"), work_dir=tmp_path / "work")
+    rows = MetricsLog.read(tmp_path / "work" / "metrics.jsonl")
+    layers = len(student.model.layers)
+    for name in terms:
+        assert all(math.isfinite(r[f"{name}_l{layer}"]) for r in rows for layer in range(layers)), name
+    assert rows[-1]["attention_transfer"] > 0 and rows[-1]["loss"] < 0.9 * rows[0]["loss"]

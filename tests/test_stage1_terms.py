@@ -9,11 +9,15 @@ memory toward the teacher's split.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
 
 from merge_xlstm.linearize.stage1 import LayerAlignment, STAGE1_TERMS, binary_kl
 from merge_xlstm.student import from_teacher, new_parameters
+from merge_xlstm.student.modeling_xlstm_hybrid import token_layout
 from merge_xlstm.testing import tiny_teacher
 
 W, S, T = 6, 2, 40
@@ -108,3 +112,47 @@ def test_memory_share_weighs_the_mlstm_error_by_the_share_not_its_square(setup) 
                                                          "beyond": torch.full_like(layer["beyond"], b)})
         memory, share = STAGE1_TERMS.get("memory").fn(flat), STAGE1_TERMS.get("memory_share").fn(flat)
         torch.testing.assert_close(share, memory / b**2, rtol=1e-5, atol=0)
+
+
+@torch.no_grad()
+def test_memory_log_weights_reproduce_the_memory_branch(setup) -> None:
+    """The memory's weights over keys (what attention_transfer compares) average the values into exactly
+    the mLSTM branch, wherever the window no longer covers the document."""
+    student, x, position_ids = setup
+    g = torch.Generator().manual_seed(1)
+    for p in new_parameters(student):  # generic feature maps and gates, not the initial ones
+        p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    layout, starts, rope_pos, _ = token_layout(None, position_ids, x.shape[:2], x.device, None, W, S)
+    mixer = student.model.layers[0].self_attn
+    parts = mixer.parts(x, student.model.rotary_emb(x, rope_pos), layout, starts)
+    rows = torch.arange(W + S, T)
+    weights = mixer.memory_log_weights(parts, layout, starts, rows).softmax(-1)
+    values = parts.v.repeat_interleave(mixer.num_heads // mixer.num_kv_heads, 1)
+    past = (layout.q_pos[:, rows] >= W + S)[:, None, :, None]  # (B, 1, n, 1): the memory holds keys there
+    torch.testing.assert_close(torch.where(past, weights @ values, 0), torch.where(past, parts.mlstm[:, :, rows], 0),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_attention_transfer_vanishes_at_the_teachers_weights_and_training_lowers_it(setup) -> None:
+    student, x, position_ids = setup
+    term = STAGE1_TERMS.get("attention_transfer").fn
+
+    def layers() -> list[LayerAlignment]:
+        out = student.model.align_layers([x] * len(student.model.layers), position_ids, reference=True, weight_queries=16)
+        return [LayerAlignment(target=l["output"].detach(), **l) for l in out]
+
+    short = student.model.align_layers([x[:, : W + S]] * 2, position_ids[:, : W + S], reference=True, weight_queries=16)
+    assert "attention" not in next(short)  # rows the window covers whole: no query to compare
+    first = layers()[0]
+    teacher, _, rows = first.attention
+    assert len(rows) == 16 and teacher.isfinite().any()
+    assert term(dataclasses.replace(first, attention=(teacher, teacher, rows))).item() == pytest.approx(0.0, abs=1e-6)
+    optimizer = torch.optim.Adam(new_parameters(student), lr=1e-2)
+    history = []
+    for _ in range(20):
+        value = sum(term(layer) for layer in layers())
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        history.append(value.item())
+    assert all(math.isfinite(h) for h in history) and history[-1] < 0.8 * history[0], history

@@ -18,7 +18,8 @@ which is the student's form with o_t = 1 - a_t and mLSTM_t = O_t. The ``gate`` t
 teacher's beyond-window mass (binary KL against 1 - a), the ``memory`` term teaches the
 mLSTM branch the beyond-window part with the gate held at the teacher's value
 (||(1 - a)·mLSTM + a·SWA - A||² per head), ``memory_share`` the same with each position's error weighted
-by 1 - a instead of (1 - a)². Both need the teacher's full attention per head, which the
+by 1 - a instead of (1 - a)², and ``attention_transfer`` the memory's weights over its keys against the
+teacher's attention weights beyond the window, at a sample of queries. Both need the teacher's full attention per head, which the
 student computes from its own (teacher-copied, frozen) q, k, v. Every term is a registry entry;
 the recipe weighs them (``stage1.loss``).
 """
@@ -76,6 +77,9 @@ class LayerAlignment:
     valid: Tensor  # (B, T) real tokens
     reference: Tensor | None = None  # (B, H, T, D) the teacher's attention per head (full causal, same q/k/v)
     beyond: Tensor | None = None  # (B, H, T) the teacher's attention mass beyond the window and sinks: 1 - a
+    # at n query positions `rows`: the teacher's weights over the keys beyond the window and the memory's over
+    # its keys, log-probabilities (B, H, n, T) (-inf: no weight), and the rows (n,)
+    attention: tuple[Tensor, Tensor, Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,7 @@ class Term:
 
     fn: Callable[[LayerAlignment], Tensor]
     needs_reference: bool = False
+    needs_weights: bool = False  # the attention weights at sampled queries (LayerAlignment.attention)
 
 
 STAGE1_TERMS: Registry[Term] = Registry("stage-1 loss term")
@@ -135,20 +140,44 @@ def _memory_share(a: LayerAlignment) -> Tensor:
 STAGE1_TERMS.register("memory_share")(Term(_memory_share, needs_reference=True))
 
 
+def _attention_transfer(a: LayerAlignment) -> Tensor:
+    """KL(teacher's attention beyond the window || memory's weights) at the sampled queries, weighted by b.
+
+    The output terms see the memory only through its output, a D-dimensional average. This compares what
+    it attends to, key by key (attention transfer, as Hedgehog trains its feature maps), with the teacher's
+    attention over the same keys: the keys the window no longer sees. Each query counts by its share b.
+    """
+    if a.attention is None:  # no query past the window in these rows
+        return a.output.sum() * 0
+    teacher, memory, rows = a.attention
+    p = teacher.exp()
+    held = p > 0  # where the teacher attends, the memory holds the key (evicted keys or every key)
+    kl = (p * (torch.where(held, teacher, 0) - torch.where(held, memory, 0))).sum(-1)  # (B, H, n)
+    weight = a.beyond[:, :, rows] * a.valid[:, None, rows]
+    return (kl * weight).sum() / weight.sum().clamp_min(1e-6)
+
+
+STAGE1_TERMS.register("attention_transfer")(Term(_attention_transfer, needs_reference=True, needs_weights=True))
+
+
 class MixerAlignment(nn.Module):
     """The student's mixers as one module computing stage I's loss terms, so DDP sees one forward."""
 
-    def __init__(self, student: nn.Module, weights: dict[str, float]) -> None:
+    def __init__(self, student: nn.Module, weights: dict[str, float], weight_queries: int = 0) -> None:
         super().__init__()
         self.student = student
         self.terms = {name: STAGE1_TERMS.get(name) for name, w in weights.items() if w > 0}
         self.weights = torch.tensor([weights[name] for name in self.terms])
+        self.weight_queries = weight_queries if any(t.needs_weights for t in self.terms.values()) else 0
 
     def forward(self, mixer_inputs: list[Tensor], targets: list[Tensor], position_ids: Tensor) -> Tensor:
         """(layers, terms): every layer's value of every weighted term."""
         reference = any(term.needs_reference for term in self.terms.values())
         rows = []
-        for layer in self.student.model.align_layers(mixer_inputs, position_ids, reference=reference):
+        layers = self.student.model.align_layers(
+            mixer_inputs, position_ids, reference=reference, weight_queries=self.weight_queries
+        )
+        for layer in layers:
             layer = LayerAlignment(target=targets[len(rows)], **layer)
             rows.append(torch.stack([term.fn(layer) for term in self.terms.values()]))
         return torch.stack(rows)
@@ -204,7 +233,7 @@ def run_stage1(
                   {"params": [p for p in trainable if id(p) in gates], "lr_scale": spec.gate_lr_scale}]
         groups = [g for g in groups if g["params"]]  # an mLSTM-only mixer has no output gate
     optimizer = torch.optim.AdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay)
-    alignment = MixerAlignment(student, spec.loss.model_dump())
+    alignment = MixerAlignment(student, spec.loss.model_dump(), spec.attention_queries)
     aligner, optimizer = accelerator.prepare(alignment, optimizer)
     taps = TeacherAttentionTaps(teacher)
     total = job.steps

@@ -238,6 +238,7 @@ class MixerParts:
     swa_lse: Tensor | None  # (B, H, T) its log-sum-exp of scores (when asked for)
     mlstm: Tensor | None  # (B, H, T, D) the mLSTM branch
     o: Tensor | None  # (B, H, T, 1) the mixing gate
+    memory_inputs: tuple[Tensor, ...] | None = None  # what the mLSTM read: q, k, v, i, f (_memory_inputs)
 
 
 class HybridMixer(nn.Module):
@@ -374,7 +375,7 @@ class HybridMixer(nn.Module):
                 free = layout.q_valid & (layout.q_pos >= self.window + self.sinks)
                 self.gate_log.append(o.detach()[free].float().cpu())
             o = o.transpose(1, 2).unsqueeze(-1)
-        return MixerParts(q_rot, k_rot, v, swa, lse, mlstm, o)
+        return MixerParts(q_rot, k_rot, v, swa, lse, mlstm, o, memory if self.mixer != "swa" else None)
 
     def attention(
         self, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, return_lse: bool = False
@@ -405,6 +406,24 @@ class HybridMixer(nn.Module):
             i = torch.where((layout.q_pos >= self.window + self.sinks)[..., None], i, -GATE)
         return q, k, v, i, f
 
+    def memory_log_weights(self, parts: MixerParts, layout: TokenLayout, starts: Tensor, rows: Tensor) -> Tensor:
+        """(B, H, n, T): the log of the weight the mLSTM branch gives key s at each query of `rows` (n,), -inf
+        where it holds no such key; an uncached pass. The branch is exactly sum_s softmax(these)_s v_s (its
+        normaliser is the weights' sum), so stage I can hold what the memory attends to against the
+        teacher's attention weights (the attention_transfer term), not only its output.
+        """
+        q, k, _, i, f = parts.memory_inputs
+        H, Hkv, T = self.num_heads, self.num_kv_heads, q.shape[2]
+        phi_k_w = self.phi_k.view(Hkv, H // Hkv, *self.phi_k.shape[1:])
+        phi_q = torch.softmax(torch.einsum("bhtd,hdf->bhtf", q[:, :, rows].float(), self.phi_q.float()), dim=-1)
+        phi_k = torch.softmax(torch.einsum("bgtd,gjdf->bgjtf", k.float(), phi_k_w.float()), dim=-1).flatten(1, 2)
+        i, f = gate_preactivations(i.float(), f.float(), layout.q_valid, starts)
+        decay = F.logsigmoid(f).cumsum(-1)  # a key entering at tau has decayed by decay[t] - decay[tau] at t
+        logw = decay[..., rows, None] - decay[..., None, :] + i[..., None, :] + torch.log(phi_q @ phi_k.transpose(-1, -2))
+        logw = logw.masked_fill(torch.arange(T, device=q.device) > rows[:, None], float("-inf"))  # (B, H, n, entry)
+        delay = self.window if self.memory_keys == "evicted" else 0  # key s enters at s + delay
+        return F.pad(logw[..., delay:], (0, delay), value=float("-inf"))
+
     def _mlstm(
         self,
         q: Tensor,
@@ -431,6 +450,22 @@ class HybridMixer(nn.Module):
             phi_q.to(v.dtype), phi_k.to(v.dtype), v, i.to(v.dtype), f.to(v.dtype), initial, return_state=return_state
         )
         return out.to(v.dtype), last
+
+
+@torch.no_grad()
+def beyond_window_log_probs(q: Tensor, k: Tensor, layout: TokenLayout, rows: Tensor, scale: float) -> Tensor:
+    """(B, H, n, T) the teacher's attention at the queries `rows` restricted to the keys beyond the window and
+    sinks (same document, past the sinks, at least W back), renormalised: log-probabilities, -inf elsewhere
+    and everywhere for a query with no such key. q (B, H, T, D) and k (B, Hkv, T, D) RoPE-rotated; uncached."""
+    groups = q.shape[1] // k.shape[1]
+    scores = (q[:, :, rows].float() @ k.float().repeat_interleave(groups, 1).transpose(-1, -2)) * scale
+    q_doc, q_pos = layout.q_doc[:, rows, None], layout.q_pos[:, rows, None]
+    k_doc, k_pos = layout.k_doc[:, None, :], layout.k_pos[:, None, :]
+    beyond = layout.k_valid[:, None, :] & (k_doc == q_doc) & (k_pos >= layout.sinks) & (q_pos - k_pos >= layout.window)
+    beyond = beyond[:, None]  # (B, 1, n, T)
+    has = beyond.any(-1, keepdim=True)  # a query without such keys keeps its scores (finite), then is masked
+    logp = scores.masked_fill(~beyond & has, float("-inf")).log_softmax(-1)
+    return torch.where(beyond & has, logp, float("-inf"))
 
 
 def ring_slots(seen: Tensor, window: int, sinks: int, count: int) -> Tensor:
@@ -613,11 +648,14 @@ class XLSTMHybridModel(XLSTMHybridPreTrainedModel):
             layer.self_attn.mlstm_backend, layer.self_attn.swa_backend = mlstm, swa
 
     def align_layers(
-        self, mixer_inputs: list[Tensor], position_ids: Tensor, *, reference: bool
+        self, mixer_inputs: list[Tensor], position_ids: Tensor, *, reference: bool, weight_queries: int = 0
     ) -> Iterator[dict[str, Any]]:
         """Every layer's mixer on the given per-layer inputs (the teacher's, in stage I): its output,
         branches and gate; with `reference`, also the teacher's full attention per head and its mass
-        beyond the window (from the same, teacher-copied q/k/v). Yields one dict per layer.
+        beyond the window (from the same, teacher-copied q/k/v). With `weight_queries`, at that many
+        query positions spread over those the window no longer covers, also the teacher's attention
+        weights over the keys beyond the window and the memory's weights over its keys (log-probabilities,
+        (B, H, n, T)). Yields one dict per layer.
 
         Layer-local alignment: each mixer learns from the teacher's own hidden states, so layers train
         in parallel from one teacher pass and errors of earlier student layers do not compound.
@@ -628,6 +666,9 @@ class XLSTMHybridModel(XLSTMHybridPreTrainedModel):
         )
         rope = self.rotary_emb(x, rope_pos)
         full = dataclasses.replace(layout, window=FULL_WINDOW, sinks=0, masks={})
+        first = self.config.window_size + self.config.num_sink_tokens  # the first query with a key beyond
+        queries = weight_queries if first < x.shape[1] else 0  # rows no longer than the window have none
+        rows = torch.linspace(first, x.shape[1] - 1, queries, device=x.device).long().unique()
         for layer, inp in zip(self.layers, mixer_inputs):
             mixer = layer.self_attn
             parts = mixer.parts(inp, rope, layout, starts, swa_lse=reference)
@@ -637,6 +678,9 @@ class XLSTMHybridModel(XLSTMHybridPreTrainedModel):
                     attention, lse = mixer.attention(parts.q, parts.k, parts.v, full, return_lse=True)
                     out["reference"] = attention.float()
                     out["beyond"] = (1 - torch.exp(parts.swa_lse.detach().float() - lse.float())).clamp(0, 1)
+            if weight_queries and len(rows):
+                teacher = beyond_window_log_probs(parts.q, parts.k, layout, rows, mixer.scaling)
+                out["attention"] = (teacher, mixer.memory_log_weights(parts, layout, starts, rows).log_softmax(-1), rows)
             yield out
 
     def forward(
