@@ -104,21 +104,22 @@ class HybridStudent(StudentKind):
     def _evicted_needs_the_window(self) -> HybridStudent:
         if self.memory_keys == "evicted" and not (self.mixer == "hybrid" and self.memory_outside_window):
             if "memory_keys" in self.model_fields_set:  # asked for: refuse; the default: fall back
-                raise ValueError("memory_keys evicted: needs mixer hybrid and memory_outside_window true (the "
-                                 "memory holds nothing until the window lets go of a key)")
+                raise ValueError("memory_keys evicted: needs mixer hybrid and memory_outside_window true")
             self.memory_keys = "all"
         return self
 
     def fit_stage1_loss(self, loss: Any) -> None:
         if self.mixer == "hybrid":
             return
-        # The split terms need both branches and a gate: refuse them when asked for, else switch them off.
-        terms = ("gate", "memory", "memory_share", "attention_transfer")
-        asked = [t for t in terms if t in loss.model_fields_set and getattr(loss, t) > 0]
+        # Every term but paper A's output term needs both branches and a gate: refuse them when asked for,
+        # else switch them off.
+        split = [t for t in type(loss).model_fields if t != "output"]
+        asked = [t for t in split if t in loss.model_fields_set and getattr(loss, t) > 0]
         if asked:
             raise ValueError(f"stage1.loss.{asked[0]}: needs student.mixer hybrid (both branches and a "
                              f"gate), got {self.mixer!r}; set it to 0")
-        loss.gate = loss.memory = loss.memory_share = loss.attention_transfer = 0.0
+        for term in split:
+            setattr(loss, term, 0.0)
 
 
 def check_slstm_at(slstm_at: list[int], num_blocks: int) -> None:

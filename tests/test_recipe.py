@@ -77,6 +77,12 @@ BAD_RECIPES: dict[str, tuple[Callable[[dict[str, Any]], None] | str, list[str], 
     "set-unknown-key": (_update(None), ["stage2.topk=8"], "stage2.topk: unknown key"),
     "distil-with-stage1": (_distil_student, [], "stage1: hidden-state alignment does not apply to student kind"),
     "hybrid-without-stage1": (_without("stage1"), [], "stage1: required for student kind hybrid"),
+    "split-term-without-a-gate": (_update(None, student={"kind": "hybrid", "mixer": "mlstm"}),
+                                  ["stage1.loss.attention_transfer=1.0"],
+                                  "stage1.loss.attention_transfer: needs student.mixer hybrid"),
+    "evicted-keys-without-a-window": (_update(None, student={"kind": "hybrid", "mixer": "mlstm",
+                                                             "memory_keys": "evicted"}), [],
+                                      "student: memory_keys evicted: needs mixer hybrid and memory_outside_window true"),
 }
 
 
@@ -105,6 +111,15 @@ def test_valid_recipe_carries_the_papers_defaults(tmp_path: Path) -> None:
     assert (s2.top_k, s2.ce_weight, s2.kl_weight, s2.temperature) == (256, 0.9, 0.1, 1.0)
     assert (s2.lr, s2.weight_decay, s2.grad_clip) == (1e-5, 0.1, 1.0)
     assert s2.lora is None and s2.distil is None
+
+
+def test_a_single_branch_student_drops_the_split_terms_and_evicted_keys(tmp_path: Path) -> None:
+    """Defaults a mixer without both branches cannot use are switched off, not refused."""
+    recipe = load_linearize_recipe(write_recipe(tmp_path, _update(None, student={"kind": "hybrid", "mixer": "mlstm"})))
+    loss = recipe.stage1.loss.model_dump()
+    assert loss.pop("output") == 1.0 and set(loss.values()) == {0.0} and len(loss) == 4
+    assert recipe.student.memory_keys == "all"
+    assert load_linearize_recipe(write_recipe(tmp_path, _update(None))).student.memory_keys == "evicted"
 
 
 def test_set_overrides_fields_with_yaml_values(tmp_path: Path) -> None:

@@ -19,8 +19,8 @@ teacher's beyond-window mass (binary KL against 1 - a), the ``memory`` term teac
 mLSTM branch the beyond-window part with the gate held at the teacher's value
 (||(1 - a)·mLSTM + a·SWA - A||² per head), ``memory_share`` the same with each position's error weighted
 by 1 - a instead of (1 - a)², and ``attention_transfer`` the memory's weights over its keys against the
-teacher's attention weights beyond the window, at a sample of queries. Both need the teacher's full attention per head, which the
-student computes from its own (teacher-copied, frozen) q, k, v. Every term is a registry entry;
+teacher's attention weights beyond the window, at a sample of queries. All but ``output`` need the
+teacher's attention per head, which the student computes from its own (teacher-copied, frozen) q, k, v. Every term is a registry entry;
 the recipe weighs them (``stage1.loss``).
 """
 

@@ -179,33 +179,27 @@ class XLSTMHybridLayerCache(RecurrentLayer):
         self.advance(key_states.shape[2])
         return keys, values
 
-    def evicted(self, keys: Tensor, values: Tensor, igates: Tensor, plan: "CachePlan", window: int) -> tuple[Tensor, ...]:
-        """The memory's inputs under ``memory_keys: evicted``: for each new token, the memory key (B, Hkv, T, D),
-        value and input-gate pre-activation (B, T, H) of the token ``window`` positions before it.
-
-        The first min(T, W) of those tokens are in the ring (read in position order, before this step's
-        writes), the rest among the new tokens. The new tokens' memory keys and input gates are stored
-        in their slots (their values are the window's, which :meth:`update` stores afterwards).
-        Which of the returned entries the memory may take (the token is a key of the same document
-        past the sinks) is the caller's rule.
+    def evicted(self, keys: Tensor, igates: Tensor, plan: "CachePlan", window: int, sinks: int) -> tuple[Tensor, ...]:
+        """For ``memory_keys: evicted``: the memory keys (B, Hkv, n, D), values and input-gate pre-activations
+        (B, n, H) of the n = min(T, W) tokens W positions before the first n new tokens, read from the ring
+        before this step's writes (meaningless below the sinks: the caller shuts their gates). Then stores the
+        new tokens' memory keys and input gates in their slots (:meth:`update` stores their values).
         """
         B, Hkv, T, D = keys.shape
         if "memory_keys" not in self.state:
             slots = self.state["keys"].shape[2]
             self.allocate({"memory_keys": keys.new_zeros(B, Hkv, slots, D),
                            "igates": igates.new_zeros(B, slots, igates.shape[-1])})
-        sinks = self.state["keys"].shape[2] - window - 1
         n = min(T, window)
-        slot = ring_slots(self.state["seen"], window, sinks, n)  # meaningless below the sinks, never taken
-        ring = [
+        slot = ring_slots(self.state["seen"], window, sinks, n)
+        ring = (
             self.state["memory_keys"].gather(2, slot[:, None, :, None].expand(B, Hkv, n, D)),
-            self.state["values"].gather(2, slot[:, None, :, None].expand(B, Hkv, n, values.shape[-1])),
+            self.state["values"].gather(2, slot[:, None, :, None].expand(B, Hkv, n, self.state["values"].shape[-1])),
             self.state["igates"].gather(1, slot[:, :, None].expand(B, n, igates.shape[-1])),
-        ]
-        out = shift_in(ring[0], keys, 2), shift_in(ring[1], values, 2), shift_in(ring[2], igates, 1)
+        )
         self.state["memory_keys"].scatter_(2, plan.slots[:, None, :, None].expand_as(keys), keys)
         self.state["igates"].scatter_(1, plan.slots[:, :, None].expand_as(igates), igates)
-        return out
+        return ring
 
     def update_mlstm_state(self, state: MLSTMState) -> None:
         if "C" not in self.state:
@@ -396,13 +390,12 @@ class HybridMixer(nn.Module):
         """
         i, f = self.igate(x), self.fgate(x)
         if self.memory_keys == "evicted":
-            if cache is not None:
-                k, v, i = cache.evicted(k, v, i, plan, self.window)
-            else:
-                B, Hkv, T, D = k.shape
-                k, v = shift_in(k.new_zeros(B, Hkv, min(T, self.window), D), k, 2), shift_in(
-                    v.new_zeros(B, Hkv, min(T, self.window), v.shape[-1]), v, 2)
-                i = shift_in(i.new_zeros(B, min(T, self.window), i.shape[-1]), i, 1)
+            B, Hkv, T, D = k.shape
+            n = min(T, self.window)
+            # the n tokens W before the first n: the cache's ring, or nothing before an uncached pass
+            ring = (cache.evicted(k, i, plan, self.window, self.sinks) if cache is not None else
+                    (k.new_zeros(B, Hkv, n, D), v.new_zeros(B, Hkv, n, v.shape[-1]), i.new_zeros(B, n, i.shape[-1])))
+            k, v, i = shift_in(ring[0], k, 2), shift_in(ring[1], v, 2), shift_in(ring[2], i, 1)
             i = torch.where((layout.q_pos >= self.window + self.sinks)[..., None], i, -GATE)
         return q, k, v, i, f
 
@@ -413,16 +406,26 @@ class HybridMixer(nn.Module):
         teacher's attention weights (the attention_transfer term), not only its output.
         """
         q, k, _, i, f = parts.memory_inputs
-        H, Hkv, T = self.num_heads, self.num_kv_heads, q.shape[2]
-        phi_k_w = self.phi_k.view(Hkv, H // Hkv, *self.phi_k.shape[1:])
-        phi_q = torch.softmax(torch.einsum("bhtd,hdf->bhtf", q[:, :, rows].float(), self.phi_q.float()), dim=-1)
-        phi_k = torch.softmax(torch.einsum("bgtd,gjdf->bgjtf", k.float(), phi_k_w.float()), dim=-1).flatten(1, 2)
+        T = q.shape[2]
+        phi_q, phi_k = self._feature_maps(q[:, :, rows].float(), k.float())
         i, f = gate_preactivations(i.float(), f.float(), layout.q_valid, starts)
         decay = F.logsigmoid(f).cumsum(-1)  # a key entering at tau has decayed by decay[t] - decay[tau] at t
         logw = decay[..., rows, None] - decay[..., None, :] + i[..., None, :] + torch.log(phi_q @ phi_k.transpose(-1, -2))
         logw = logw.masked_fill(torch.arange(T, device=q.device) > rows[:, None], float("-inf"))  # (B, H, n, entry)
         delay = self.window if self.memory_keys == "evicted" else 0  # key s enters at s + delay
         return F.pad(logw[..., delay:], (0, delay), value=float("-inf"))
+
+    def _feature_maps(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """phi(q) (B, H, T, F) and phi(k) per query head (B, H, Tk, F) from q (B, H, T, D), k (B, Hkv, Tk, D).
+
+        GQA: head h reads KV head h // groups, as attention does; each query head has its own phi_k, applied
+        to the shared key without copying it per head.
+        """
+        H, Hkv = self.num_heads, self.num_kv_heads
+        phi_k_w = self.phi_k.view(Hkv, H // Hkv, *self.phi_k.shape[1:])
+        phi_q = torch.softmax(torch.einsum("bhtd,hdf->bhtf", q, self.phi_q), dim=-1)
+        phi_k = torch.softmax(torch.einsum("bgtd,gjdf->bgjtf", k, phi_k_w), dim=-1).flatten(1, 2)
+        return phi_q, phi_k
 
     def _mlstm(
         self,
@@ -437,14 +440,8 @@ class HybridMixer(nn.Module):
         return_state: bool,
         backend: str,
     ) -> tuple[Tensor, MLSTMState | None]:
-        H, Hkv = self.num_heads, self.num_kv_heads
-        groups = H // Hkv
-        # GQA: head h reads KV head h // groups, as attention does; each query head has its own phi_k,
-        # applied to the shared key without copying it per head.
-        phi_k_w = self.phi_k.view(Hkv, groups, *self.phi_k.shape[1:])
-        phi_q = torch.softmax(torch.einsum("bhtd,hdf->bhtf", q, self.phi_q), dim=-1)
-        phi_k = torch.softmax(torch.einsum("bgtd,gjdf->bgjtf", k, phi_k_w), dim=-1).flatten(1, 2)
-        v = v.repeat_interleave(groups, dim=1)
+        phi_q, phi_k = self._feature_maps(q, k)
+        v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
         i, f = gate_preactivations(i, f, valid, starts)
         out, last = MLSTM_BACKENDS.get(backend)(
             phi_q.to(v.dtype), phi_k.to(v.dtype), v, i.to(v.dtype), f.to(v.dtype), initial, return_state=return_state
