@@ -18,7 +18,10 @@ same run. Parts (``--parts``):
 - ``train``: optimizer steps per second of a stage-II step (student, sparse top-k KD loss on stored
   targets) against a plain fine-tune of the teacher (CE) on the same batch, and each one's MFU.
 - ``profile``: where a B=1 prefill of ``--profile-context`` tokens spends its time, the 15 costliest
-  operators of each model by self device time (torch.profiler), so a slow prefill names its kernel.
+  operators of each model by self device time (torch.profiler), so a slow prefill names its kernel, and the
+  host's side (launches, syncs, the costliest operators by CPU time, issue time against wall time).
+- ``profile_decode``: one compiled decode step at the last ``--batch`` after ``--profile-context`` tokens,
+  without CUDA graphs so the profiler sees each kernel: kernels per step and where the device time goes.
 - ``equality``: greedy tokens of the compiled static-cache decode equal the eager dynamic-cache
   decode's for ``--equality-steps`` steps (SmolLM2 shape, float32 and bfloat16). It runs after the
   shapes' parts: it is the longest and does not block the speed figures.
@@ -31,6 +34,7 @@ Usage: python bench/inference.py --out bench/results/inference_h200.json [--shap
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -47,6 +51,7 @@ from merge_xlstm.linearize.losses import SparseKDLoss
 from merge_xlstm.recipe import Stage2Spec
 from merge_xlstm.student import from_teacher
 from merge_xlstm.student.cache import CACHE_FIELD, output_cache
+from merge_xlstm.student.kernels import MLSTM_BACKENDS
 
 SHAPES = {
     "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -67,6 +72,7 @@ COMPILE: dict[str, Any] = {"mode": "reduce-overhead"}  # CUDA graphs; --device c
 EQUALITY_SHAPE = "smollm2"
 DTYPE = torch.bfloat16
 MEMORY_KEYS = "evicted"  # the student's student.memory_keys (--memory-keys): the default kind's
+MLSTM_CHUNK: int | None = None  # --mlstm-chunk-size: the triton mLSTM backend's chunk size, None for the default
 PREFILL_TIMED_TOKENS = 65536  # a short prefill is timed over as many prompts as make this many tokens
 
 
@@ -82,7 +88,17 @@ def build(shape: str, dtype: torch.dtype | None = None, max_len: int = 262144) -
     with torch.no_grad():  # open gates: the memory branch's cost is paid either way, its output matters here
         for layer in student.model.layers:
             layer.self_attn.ogate.bias.fill_(1.0)
+            if MLSTM_CHUNK is not None:
+                layer.self_attn.mlstm_backend = triton_at_chunk(MLSTM_CHUNK)
     return teacher, student
+
+
+def triton_at_chunk(chunk: int) -> str:
+    """The registry name of the triton mLSTM backend at chunk size `chunk` (registered on first use)."""
+    name = f"triton_chunk{chunk}"
+    if name not in MLSTM_BACKENDS:
+        MLSTM_BACKENDS.register(name)(dataclasses.replace(MLSTM_BACKENDS.get("triton"), chunk_size=chunk))
+    return name
 
 
 def param_bytes(model: torch.nn.Module) -> int:
@@ -137,6 +153,11 @@ def copy_bandwidth() -> float:
     return moved / seconds
 
 
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def fresh_peak() -> None:
     if DEVICE == "cpu":
         return
@@ -160,9 +181,17 @@ def prefill(model: torch.nn.Module, context: int, forward: Callable[..., Any] | 
 
 
 def profile_prefill(model: torch.nn.Module, context: int, top: int = 15) -> dict[str, float]:
-    """The `top` operators of one prefill by self device time (CPU time on CPU), in milliseconds."""
+    """The `top` operators of one prefill by self device time (CPU time on CPU), in milliseconds, and the host's
+    side: CUDA runtime calls (launches, syncs, copies) and the `top` operators by self CPU time."""
     ids = torch.randint(0, model.config.vocab_size, (1, context), device=DEVICE)
     model(input_ids=ids, use_cache=True, logits_to_keep=1)  # warm-up: compiles and block masks stay out
+    # unprofiled: how long the host takes to issue the pass (returns before the device is done unless it syncs)
+    sync()
+    began = time.perf_counter()
+    model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    issued = time.perf_counter()
+    sync()
+    unprofiled = {"host_issue_ms": 1000 * (issued - began), "wall_ms": 1000 * (time.perf_counter() - began)}
     activities = [torch.profiler.ProfilerActivity.CPU]
     if DEVICE == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -176,9 +205,43 @@ def profile_prefill(model: torch.nn.Module, context: int, top: int = 15) -> dict
     averages = prof.key_averages()
     events = sorted(averages, key=lambda e: getattr(e, field), reverse=True)[:top]
     # wall time against the device's busy time: where the device waits, the host (launches, syncs) is the limit
-    totals = {"wall_ms (profiled)": 1000 * wall, "device_busy_ms": sum(getattr(e, field) for e in averages
+    totals = unprofiled | {"wall_ms (profiled)": 1000 * wall, "device_busy_ms": sum(getattr(e, field) for e in averages
                                                                         if str(getattr(e, "device_type", "")).endswith("CUDA")) / 1000}
-    return totals | {event.key: getattr(event, field) / 1000 for event in events}
+    # the host's side: kernel launches, and the calls that wait for the device (a sync stalls the launch queue)
+    runtime = {e.key: e for e in averages if e.key.startswith(("cuda", "cu"))}
+    host = {f"host {key}: calls, ms": [e.count, round(e.self_cpu_time_total / 1000, 2)] for key, e in runtime.items()}
+    by_cpu = sorted((e for e in averages if e.key not in runtime), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    host |= {f"host op {e.key}: calls, ms": [e.count, round(e.self_cpu_time_total / 1000, 2)] for e in by_cpu}
+    return totals | {event.key: getattr(event, field) / 1000 for event in events} | host
+
+
+@torch.no_grad()
+def profile_decode(model: torch.nn.Module, batch: int, context: int, top: int = 15) -> dict[str, Any]:
+    """One compiled static-cache decode step without CUDA graphs (``mode="default"``), so the profiler sees each
+    kernel the compiler emits: how many a step launches and where its device time goes (the graph-replayed
+    step of ``decode`` runs the same kernels back to back)."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), device=DEVICE)
+    cache = static_cache(model, batch, context, 16)
+    tokens = [fill(model, cache, ids, 4096)]
+    step = torch.compile(model.forward, mode="default") if DEVICE == "cuda" else model.forward
+
+    def one() -> None:
+        tokens.append(step(input_ids=tokens[-1], **{CACHE_FIELD: cache}, use_cache=True).logits[:, -1:].argmax(-1))
+
+    for _ in range(3):
+        one()
+    sync()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        one()
+        sync()
+    averages = prof.key_averages()
+    kernels = [e for e in averages if str(getattr(e, "device_type", "")).endswith("CUDA")]
+    field = "self_device_time_total"
+    top_kernels = sorted(kernels, key=lambda e: getattr(e, field), reverse=True)[:top]
+    return {"kernels_per_step": sum(e.count for e in kernels),
+            "device_busy_ms": sum(getattr(e, field) for e in kernels) / 1000,
+            "top": {e.key[:120]: [e.count, round(getattr(e, field) / 1000, 3)] for e in top_kernels}}
 
 
 # ----------------------------------------------------------------------------------------- decode
@@ -337,6 +400,17 @@ def ratios(results: Results) -> None:
                 if "tok_s" in s and "tok_s" in t:
                     memory = s["peak_GiB"] / t["peak_GiB"] if s.get("peak_GiB") and t.get("peak_GiB") else None
                     out.setdefault(part, {})[point] = {"speed": s["tok_s"] / t["tok_s"], "memory": memory}
+        # served: each model on its faster prefill path (eager or compiled) at each context, as a user would
+        for point in data.get("prefill_compiled", {}):
+            best = {name: max((data[part][point][name] | {"path": part} for part in ("prefill", "prefill_compiled")
+                               if "tok_s" in data.get(part, {}).get(point, {}).get(name, {})),
+                              key=lambda m: m["tok_s"], default=None) for name in ("student", "teacher")}
+            if best["student"] and best["teacher"]:
+                out.setdefault("prefill_served", {})[point] = {
+                    "speed": best["student"]["tok_s"] / best["teacher"]["tok_s"],
+                    "memory": (best["student"]["peak_GiB"] / best["teacher"]["peak_GiB"]
+                               if best["student"].get("peak_GiB") and best["teacher"].get("peak_GiB") else None),
+                    "paths": {name: m["path"] for name, m in best.items()}}
         results.put(out, shape, "ratios")
 
 
@@ -362,8 +436,8 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="keep and skip what --out already holds")
     parser.add_argument("--shapes", nargs="+", default=["1b", "smollm2"], choices=sorted(SHAPES))
     parser.add_argument("--parts", nargs="+", default=["prefill", "decode", "train", "equality"],
-                        choices=["prefill", "decode", "train", "profile", "equality"])
-    parser.add_argument("--profile-context", type=int, default=16384, help="the prefill the profile part traces")
+                        choices=["prefill", "decode", "train", "profile", "profile_decode", "equality"])
+    parser.add_argument("--profile-context", type=int, default=16384, help="the prefill the profile parts trace (profile_decode: the prompt)")
     parser.add_argument("--profile-top", type=int, default=15, help="operators the profile part keeps")
     parser.add_argument("--prefill-contexts", nargs="+", type=int, default=[4096, 16384, 32768, 65536, 131072])
     parser.add_argument("--decode-contexts", nargs="+", type=int, default=[4096, 16384, 32768, 65536])
@@ -378,6 +452,8 @@ def main() -> None:
     parser.add_argument("--train-seq-len", type=int, default=2048)
     parser.add_argument("--equality-steps", type=int, default=200)
     parser.add_argument("--equality-dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--mlstm-chunk-size", type=int, default=None,
+                        help="the triton mLSTM kernels' chunk size (default: the backend's own)")
     parser.add_argument("--memory-keys", default="evicted", choices=["all", "evicted"], help="the student's memory_keys")
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run of this script (eager compile backend)")
     parser.add_argument("--dtype", default="bfloat16", help="the models' dtype (a CPU smoke run needs float32)")
@@ -387,8 +463,9 @@ def main() -> None:
     if args.combine:
         combine(args.combine, args.out)
         return
-    global DEVICE, EQUALITY_SHAPE, DTYPE, MEMORY_KEYS
+    global DEVICE, EQUALITY_SHAPE, DTYPE, MEMORY_KEYS, MLSTM_CHUNK
     DEVICE, DTYPE, MEMORY_KEYS = args.device, getattr(torch, args.dtype), args.memory_keys
+    MLSTM_CHUNK = args.mlstm_chunk_size
     if DEVICE == "cpu":
         COMPILE.clear()
         COMPILE["backend"] = "eager"
@@ -440,6 +517,10 @@ def main() -> None:
             for name, model in models.items():
                 measured(results, (shape, "profile", str(args.profile_context), name),
                          lambda: profile_prefill(model, args.profile_context, args.profile_top))
+        if "profile_decode" in args.parts:
+            for name, model in models.items():
+                measured(results, (shape, "profile_decode", f"B{args.batch[-1]}_{args.profile_context}", name),
+                         lambda: profile_decode(model, args.batch[-1], args.profile_context, args.profile_top))
         ratios(results)
         del teacher, student, models
         torch.cuda.empty_cache()

@@ -20,7 +20,12 @@
 #            trains on keys up to 7.7K tokens beyond the window instead of 1.5K;
 #   evicted8m: evicted with 8M stage-I tokens (128 steps instead of 32);
 #   evictedat: evicted plus the attention_transfer term (the memory's weights over its keys against the
-#            teacher's attention weights beyond the window, at 64 queries a row; not yet run on a GPU).
+#            teacher's attention weights beyond the window, at 64 queries a row);
+#   evictedat10: evictedat with the attention_transfer term weighted 10 (its KL is ~1 nat a layer where the
+#            output term's MSE is ~1e-2: at 1 the output term may still decide);
+#   evictedf256: evicted with 256 features a head instead of 64 (a softmax feature map of 64 entries tells
+#            at most ~64 kinds of key apart; retrieving one key among thousands beyond the window needs more);
+#   evictedatf256: evictedat with 256 features a head.
 # The 2026-11-30 ablation ran paper and split (docs/results/longctx_ablation); the same teacher, data and
 # tokens give the same figures, so a later call may run only the new ones. $OUT gets ablation.json,
 # ablation.md, ce_by_position.png and stage1_metrics.tar.gz (each seed's stage-I metrics).
@@ -53,6 +58,11 @@ train() {     # train GPU VARIANT...: the variants one after another on one GPU
             evicted8m) extra=(--set student.memory_keys=evicted --set stage1.tokens=8388608) ;;
             evictedat) extra=(--set student.memory_keys=evicted
                               --set 'stage1.loss={output: 1.0, gate: 1.0, memory: 1.0, attention_transfer: 1.0}') ;;
+            evictedat10) extra=(--set student.memory_keys=evicted
+                                --set 'stage1.loss={output: 1.0, gate: 1.0, memory: 1.0, attention_transfer: 10.0}') ;;
+            evictedf256) extra=(--set student.memory_keys=evicted --set student.feature_dim=256) ;;
+            evictedatf256) extra=(--set student.memory_keys=evicted --set student.feature_dim=256
+                                  --set 'stage1.loss={output: 1.0, gate: 1.0, memory: 1.0, attention_transfer: 1.0}') ;;
             *) echo "unknown variant $v" >&2; return 2 ;;
         esac
         CUDA_VISIBLE_DEVICES=$gpu python3 -m merge_xlstm linearize recipes/code.yaml "${common[@]}" \

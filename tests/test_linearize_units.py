@@ -168,11 +168,14 @@ def test_stage1_steps_the_output_gate_at_its_share_of_the_learning_rate(tmp_path
         torch.testing.assert_close(moved[1][name], want, rtol=1e-4, atol=1e-9, msg=name)
 
 
-def test_stage1_trains_every_term_on_the_evicted_memory(tmp_path):
+@pytest.mark.parametrize("feature_dim", [None, 48])
+def test_stage1_trains_every_term_on_the_evicted_memory(tmp_path, feature_dim):
     """All of stage I's terms at once, attention transfer at sampled queries included, on the default
-    memory (evicted keys): each is logged per layer, finite, and the loss falls."""
+    memory (evicted keys), with the head dim's features and with more (the evictedf256 variant's kind):
+    each is logged per layer, finite, and the loss falls."""
     teacher = tiny_teacher("qwen2")
-    student = from_teacher(teacher, mixer="hybrid", window_size=4, num_sink_tokens=2)
+    student = from_teacher(teacher, mixer="hybrid", window_size=4, num_sink_tokens=2, feature_dim=feature_dim)
+    assert student.model.layers[0].self_attn.phi_q.shape[-1] == (feature_dim or student.model.layers[0].self_attn.head_dim)
     assert student.config.memory_keys == "evicted"
     terms = {"output": 1.0, "gate": 1.0, "memory": 1.0, "memory_share": 1.0, "attention_transfer": 1.0}
     recipe = LinearizeRecipe.model_validate({
