@@ -14,12 +14,12 @@ Usage: python bench/beyond_share.py --out docs/results/beyond_share.json [--teac
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from merge_xlstm.eval import longdocs
+from merge_xlstm.io import write_json
 from merge_xlstm.linearize.stage1 import TeacherAttentionTaps
 from merge_xlstm.student import from_teacher
 from merge_xlstm.teacher import load_teacher
@@ -55,9 +55,7 @@ def main() -> None:
     result = {"teacher": args.teacher, "documents": [d.path for d in longdocs.LONG_DOCUMENTS[: len(docs)]],
               "tokens_per_document": args.tokens, "window": args.window, "sinks": args.sinks, "layers": layers,
               "layers_with_median_at_least_open": sum(row["median"] >= OPEN for row in layers)}
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(args.out)
+    write_json(args.out, result)
     print(" ".join(f"{row['median']:.2g}" for row in layers))
     print(f"layers whose median b >= {OPEN}: {result['layers_with_median_at_least_open']} of {len(layers)}")
 

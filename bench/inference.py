@@ -180,6 +180,20 @@ def prefill(model: torch.nn.Module, context: int, forward: Callable[..., Any] | 
     return {"tok_s": context / seconds, "peak_GiB": peak_GiB()}
 
 
+def traced(fn: Callable[[], Any]) -> Any:
+    """torch.profiler's per-operator averages of one call of `fn`, the device's work included (synced)."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        sync()
+    return prof.key_averages()
+
+
+def on_device(averages: Any) -> list[Any]:
+    """The entries of `averages` that ran on the GPU (kernels, copies)."""
+    return [e for e in averages if str(getattr(e, "device_type", "")).endswith("CUDA")]
+
+
 def profile_prefill(model: torch.nn.Module, context: int, top: int = 15) -> dict[str, float]:
     """The `top` operators of one prefill by self device time (CPU time on CPU), in milliseconds, and the host's
     side: CUDA runtime calls (launches, syncs, copies) and the `top` operators by self CPU time."""
@@ -192,21 +206,21 @@ def profile_prefill(model: torch.nn.Module, context: int, top: int = 15) -> dict
     issued = time.perf_counter()
     sync()
     unprofiled = {"host_issue_ms": 1000 * (issued - began), "wall_ms": 1000 * (time.perf_counter() - began)}
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if DEVICE == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
+    spans: list[float] = []
+
+    def timed_pass() -> None:  # timed inside the trace: the profiler's own start and stop stay out
         began = time.perf_counter()
         model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        wall = time.perf_counter() - began
+        sync()
+        spans.append(time.perf_counter() - began)
+
+    averages = traced(timed_pass)
+    wall = spans[0]
     field = "self_device_time_total" if DEVICE == "cuda" else "self_cpu_time_total"
-    averages = prof.key_averages()
     events = sorted(averages, key=lambda e: getattr(e, field), reverse=True)[:top]
     # wall time against the device's busy time: where the device waits, the host (launches, syncs) is the limit
-    totals = unprofiled | {"wall_ms (profiled)": 1000 * wall, "device_busy_ms": sum(getattr(e, field) for e in averages
-                                                                        if str(getattr(e, "device_type", "")).endswith("CUDA")) / 1000}
+    busy = sum(e.self_device_time_total for e in on_device(averages)) / 1000
+    totals = unprofiled | {"wall_ms (profiled)": 1000 * wall, "device_busy_ms": busy}
     # the host's side: kernel launches, and the calls that wait for the device (a sync stalls the launch queue)
     runtime = {e.key: e for e in averages if e.key.startswith(("cuda", "cu"))}
     host = {f"host {key}: calls, ms": [e.count, round(e.self_cpu_time_total / 1000, 2)] for key, e in runtime.items()}
@@ -231,17 +245,11 @@ def profile_decode(model: torch.nn.Module, batch: int, context: int, top: int = 
     for _ in range(3):
         one()
     sync()
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
-    with torch.profiler.profile(activities=activities) as prof:
-        one()
-        sync()
-    averages = prof.key_averages()
-    kernels = [e for e in averages if str(getattr(e, "device_type", "")).endswith("CUDA")]
-    field = "self_device_time_total"
-    top_kernels = sorted(kernels, key=lambda e: getattr(e, field), reverse=True)[:top]
+    kernels = on_device(traced(one))
+    top_kernels = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:top]
     return {"kernels_per_step": sum(e.count for e in kernels),
-            "device_busy_ms": sum(getattr(e, field) for e in kernels) / 1000,
-            "top": {e.key[:120]: [e.count, round(getattr(e, field) / 1000, 3)] for e in top_kernels}}
+            "device_busy_ms": sum(e.self_device_time_total for e in kernels) / 1000,
+            "top": {e.key[:120]: [e.count, round(e.self_device_time_total / 1000, 3)] for e in top_kernels}}
 
 
 # ----------------------------------------------------------------------------------------- decode
@@ -388,6 +396,13 @@ def measured(results: Results, keys: tuple[str, ...], fn: Callable[[], Any]) -> 
     return value
 
 
+def faster_prefill(data: dict[str, Any], point: str, name: str) -> dict[str, Any] | None:
+    """`name`'s faster measured prefill at `point`, eager or compiled, with its "path"; None if neither ran."""
+    runs = [data[part][point][name] | {"path": part} for part in ("prefill", "prefill_compiled")
+            if "tok_s" in data.get(part, {}).get(point, {}).get(name, {})]
+    return max(runs, key=lambda m: m["tok_s"], default=None)
+
+
 def ratios(results: Results) -> None:
     """student/teacher ratios of every measured pair, under each shape's "ratios"."""
     for shape, data in results.data.items():
@@ -402,9 +417,7 @@ def ratios(results: Results) -> None:
                     out.setdefault(part, {})[point] = {"speed": s["tok_s"] / t["tok_s"], "memory": memory}
         # served: each model on its faster prefill path (eager or compiled) at each context, as a user would
         for point in data.get("prefill_compiled", {}):
-            best = {name: max((data[part][point][name] | {"path": part} for part in ("prefill", "prefill_compiled")
-                               if "tok_s" in data.get(part, {}).get(point, {}).get(name, {})),
-                              key=lambda m: m["tok_s"], default=None) for name in ("student", "teacher")}
+            best = {name: faster_prefill(data, point, name) for name in ("student", "teacher")}
             if best["student"] and best["teacher"]:
                 out.setdefault("prefill_served", {})[point] = {
                     "speed": best["student"]["tok_s"] / best["teacher"]["tok_s"],

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from merge_xlstm.eval import longctx, longdocs
+from merge_xlstm.io import write_json
 from merge_xlstm.student import from_teacher
 from merge_xlstm.student.modeling_xlstm_hybrid import FULL_WINDOW
 from merge_xlstm.teacher import load_teacher
@@ -44,7 +44,7 @@ def with_full_attention(model: torch.nn.Module, layers: list[int]) -> None:
     """Give the SWA-only student's `layers` the teacher's full causal attention (same q, k, v)."""
     for index in layers:
         mixer = model.model.layers[index].self_attn
-        window = type(mixer).attention.__get__(mixer)
+        window = mixer.attention  # the bound method, before the instance attribute shadows it
 
         def full(q, k, v, layout, return_lse=False, window=window):  # noqa: ANN001, ANN202
             return window(q, k, v, dataclasses.replace(layout, window=FULL_WINDOW, sinks=0, masks={}), return_lse)
@@ -87,9 +87,7 @@ def main() -> None:
     result = {"teacher": args.teacher, "documents": [d.path for d in longdocs.LONG_DOCUMENTS[: len(docs)]],
               "tokens_per_document": args.tokens, "window": args.window, "sinks": args.sinks,
               "teacher_itself": reference, "sets": rows}
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(args.out)
+    write_json(args.out, result)
     for label, row in rows.items():
         print(f"{label:>24}: recovery " + " ".join(f"{r['recovery']:.2f}" for r in row["recovery"]))
 

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from inference import cuda_time, triton_at_chunk  # bench/inference.py, beside this script
+from inference import triton_at_chunk  # bench/inference.py and swa_kernels.py, beside this script
+from swa_kernels import timed
+from merge_xlstm.io import write_json
 from merge_xlstm.student.kernels import MLSTM_BACKENDS
 
 
@@ -31,13 +33,6 @@ def inputs(batch: int, length: int, heads: int, dim: int, grad: bool) -> list[to
     k = torch.softmax(make(batch, heads, length, dim), -1)
     v, i, f = make(batch, heads, length, dim), make(batch, heads, length), make(batch, heads, length) + 4
     return [x.requires_grad_(grad) for x in (q, k, v, i, f)]
-
-
-def timed(fn, repeats: int = 10) -> float:
-    for _ in range(2):  # triton compiles per chunk size
-        fn()
-    torch.cuda.synchronize()
-    return round(1000 * cuda_time(fn, repeats), 3)
 
 
 def main() -> None:
@@ -58,7 +53,7 @@ def main() -> None:
             x = inputs(1, length, args.heads, args.dim, grad=False)
             try:
                 with torch.no_grad():
-                    row[f"prefill_{length}_ms"] = timed(lambda: backend(*x, None, True))
+                    row[f"prefill_{length}_ms"] = round(timed(lambda: backend(*x, None, True), 10), 3)
             except Exception as error:  # a chunk size the kernel cannot take (shared memory) is a result too
                 row[f"prefill_{length}_ms"] = f"{type(error).__name__}: {str(error)[:200]}"
         batch, length = map(int, args.train.split("x"))
@@ -68,15 +63,13 @@ def main() -> None:
             h, _ = backend(*x, None, False)
             h.float().sum().backward()
         try:
-            row[f"train_{args.train}_fwd_bwd_ms"] = timed(train_step)
+            row[f"train_{args.train}_fwd_bwd_ms"] = round(timed(train_step, 10), 3)
         except Exception as error:
             row[f"train_{args.train}_fwd_bwd_ms"] = f"{type(error).__name__}: {str(error)[:200]}"
         results[str(chunk)] = row
         print(json.dumps({chunk: row}), flush=True)
         # after every chunk size, so a run killed at a later one keeps what it measured
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"environment": env, "chunk_size": results}, indent=1))
-        tmp.replace(args.out)
+        write_json(args.out, {"environment": env, "chunk_size": results})
 
 
 if __name__ == "__main__":
