@@ -72,6 +72,7 @@ COMPILE: dict[str, Any] = {"mode": "reduce-overhead"}  # CUDA graphs; --device c
 EQUALITY_SHAPE = "smollm2"
 DTYPE = torch.bfloat16
 MEMORY_KEYS = "evicted"  # the student's student.memory_keys (--memory-keys): the default kind's
+MEMORY_FROM = 0.0  # --memory-from: the student's memory_layers are those from round(MEMORY_FROM x layers) up
 MLSTM_CHUNK: int | None = None  # --mlstm-chunk-size: the triton mLSTM backend's chunk size, None for the default
 PREFILL_TIMED_TOKENS = 65536  # a short prefill is timed over as many prompts as make this many tokens
 
@@ -83,10 +84,14 @@ def build(shape: str, dtype: torch.dtype | None = None, max_len: int = 262144) -
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max_len)
     config._attn_implementation = "sdpa"
     teacher = AutoModelForCausalLM.from_config(config).to(DEVICE, dtype).eval()
-    student = from_teacher(teacher, mixer="hybrid", window_size=512, num_sink_tokens=4,
-                           memory_outside_window=True, memory_keys=MEMORY_KEYS).to(dtype).eval()
+    layers = config.num_hidden_layers
+    memory_layers = None if MEMORY_FROM == 0 else list(range(round(MEMORY_FROM * layers), layers))
+    student = from_teacher(teacher, mixer="hybrid", window_size=512, num_sink_tokens=4, memory_outside_window=True,
+                           memory_keys=MEMORY_KEYS, memory_layers=memory_layers).to(dtype).eval()
     with torch.no_grad():  # open gates: the memory branch's cost is paid either way, its output matters here
         for layer in student.model.layers:
+            if layer.self_attn.mixer == "swa":  # a layer memory_layers leaves out: the window alone
+                continue
             layer.self_attn.ogate.bias.fill_(1.0)
             if MLSTM_CHUNK is not None:
                 layer.self_attn.mlstm_backend = triton_at_chunk(MLSTM_CHUNK)
@@ -468,6 +473,9 @@ def main() -> None:
     parser.add_argument("--mlstm-chunk-size", type=int, default=None,
                         help="the triton mLSTM kernels' chunk size (default: the backend's own)")
     parser.add_argument("--memory-keys", default="evicted", choices=["all", "evicted"], help="the student's memory_keys")
+    parser.add_argument("--memory-from", type=float, default=0.0, metavar="SHARE",
+                        help="the student's memory_layers: the layers from round(SHARE x layers) up, the others SWA "
+                             "alone (0: every layer; SmolLM2's measured choice, layers 11-29 of 30, is 0.367)")
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run of this script (eager compile backend)")
     parser.add_argument("--dtype", default="bfloat16", help="the models' dtype (a CPU smoke run needs float32)")
     parser.add_argument("--combine", nargs="+", type=Path, default=None, metavar="JSON",
@@ -476,8 +484,8 @@ def main() -> None:
     if args.combine:
         combine(args.combine, args.out)
         return
-    global DEVICE, EQUALITY_SHAPE, DTYPE, MEMORY_KEYS, MLSTM_CHUNK
-    DEVICE, DTYPE, MEMORY_KEYS = args.device, getattr(torch, args.dtype), args.memory_keys
+    global DEVICE, EQUALITY_SHAPE, DTYPE, MEMORY_KEYS, MEMORY_FROM, MLSTM_CHUNK
+    DEVICE, DTYPE, MEMORY_KEYS, MEMORY_FROM = args.device, getattr(torch, args.dtype), args.memory_keys, args.memory_from
     MLSTM_CHUNK = args.mlstm_chunk_size
     if DEVICE == "cpu":
         COMPILE.clear()
@@ -494,6 +502,7 @@ def main() -> None:
     for shape in args.shapes:
         teacher, student = build(shape)
         results.put({"teacher": param_bytes(teacher), "student": param_bytes(student)}, shape, "param_bytes")
+        results.put(student.config.memory_layers, shape, "student_memory_layers")
         models = {name: model for name, model in (("teacher", teacher), ("student", student)) if name in args.models}
         if "prefill" in args.parts:
             for context in args.prefill_contexts:

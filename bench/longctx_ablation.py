@@ -35,6 +35,7 @@ from transformers import AutoTokenizer
 
 from merge_xlstm.eval import longctx, longdocs
 from merge_xlstm.io import atomic_file, write_json
+from merge_xlstm.linearize.report import format_gates
 from merge_xlstm.student import from_teacher
 from merge_xlstm.teacher import load_teacher
 
@@ -77,14 +78,15 @@ def measure(model: torch.nn.Module, docs: list[list[int]], tokenizer: Any, args:
                                      device=device)  # fmt: skip
     passkey = longctx.passkey_accuracy(model, tokenizer, args.passkey_lengths, args.passkey_trials, device=device,
                                        batch_size=args.passkey_batch_size)  # fmt: skip
-    keys = ("model_type", "mixer", "window_size", "num_sink_tokens")
+    keys = ("model_type", "mixer", "window_size", "num_sink_tokens", "memory_layers")
     return {
         "config": {key: getattr(model.config, key, None) for key in keys},
         "ce_by_position": losses.bins(args.bins),
         "in_window_ce": losses.mean(0, args.window),
         "passkey": passkey,
         "output_gate_medians": losses.gates,
-        "open_layers": None if losses.gates is None else sum(g >= args.open_gate for g in losses.gates),
+        "open_layers": None if losses.gates is None else sum(g is not None and g >= args.open_gate
+                                                               for g in losses.gates),
         "seconds": round(time.monotonic() - start, 1),
     }
 
@@ -104,12 +106,12 @@ def markdown(models: dict[str, dict[str, Any]], args: argparse.Namespace, docume
         row = [label, f"{m['in_window_ce']:.3f}", *(f"{b['ce']:.3f}" for b in m["ce_by_position"]),
                *("" if r["recovery"] is None else f"{r['recovery']:.2f}" for r in m["recovery"]),
                *(f"{r['correct']}/{r['trials']}" for r in m["passkey"]),
-               "" if gates is None else f"{m['open_layers']}/{len(gates)}"]  # fmt: skip
+               "" if gates is None else f"{m['open_layers']}/{sum(g is not None for g in gates)}"]  # fmt: skip
         lines.append("| " + " | ".join(row) + " |")
     gated = {label: m["output_gate_medians"] for label, m in models.items() if m["output_gate_medians"]}
     if gated:
         lines += ["", "Output-gate median per layer (1 = mLSTM, 0 = SWA):", ""]
-        lines += [f"- {label}: " + " ".join(f"{g:.2g}" for g in gates) for label, gates in gated.items()]
+        lines += [f"- {label}: " + format_gates(gates) for label, gates in gated.items()]
     return "\n".join(lines) + "\n"
 
 

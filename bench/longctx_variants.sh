@@ -25,7 +25,11 @@
 #            output term's MSE is ~1e-2: at 1 the output term may still decide);
 #   evictedf256: evicted with 256 features a head instead of 64 (a softmax feature map of 64 entries tells
 #            at most ~64 kinds of key apart; retrieving one key among thousands beyond the window needs more);
-#   evictedatf256: evictedat with 256 features a head.
+#   evictedatf256: evictedat with 256 features a head;
+#   evicteddeep: evicted with the memory in layers 11-29 only (student.memory_layers), the layers where
+#            full attention recovers 0.77-0.87 of the teacher's long-context gain (bench/layer_reach.py); layers
+#            0-10 are the window alone (full attention there recovers <= 0.08);
+#   evicteddeep8m: evicteddeep with 8M stage-I tokens.
 # The 2026-11-30 ablation ran paper and split (docs/results/longctx_ablation); the same teacher, data and
 # tokens give the same figures, so a later call may run only the new ones. $OUT gets ablation.json,
 # ablation.md, ce_by_position.png and stage1_metrics.tar.gz (each seed's stage-I metrics).
@@ -38,6 +42,7 @@ root=/tmp/mission/ablation; mkdir -p "$root"
 read -ra variants <<< "${VARIANTS:-paper split longf longflr gatelr}"
 common=(--seed-only --set "stage1.tokens=${STAGE1_TOKENS:-2097152}" --set stage1.warmup_steps=4
         --set stage1.log_every=1 --set stage1.save_every=32)
+DEEP="[$(seq -s ', ' 11 29)]"  # SmolLM2's layers 11-29
 train() {     # train GPU VARIANT...: the variants one after another on one GPU
     local gpu=$1; shift
     for v in "$@"; do
@@ -63,6 +68,9 @@ train() {     # train GPU VARIANT...: the variants one after another on one GPU
             evictedf256) extra=(--set student.memory_keys=evicted --set student.feature_dim=256) ;;
             evictedatf256) extra=(--set student.memory_keys=evicted --set student.feature_dim=256
                                   --set 'stage1.loss={output: 1.0, gate: 1.0, memory: 1.0, attention_transfer: 1.0}') ;;
+            evicteddeep) extra=(--set student.memory_keys=evicted --set "student.memory_layers=$DEEP") ;;
+            evicteddeep8m) extra=(--set student.memory_keys=evicted --set "student.memory_layers=$DEEP"
+                                  --set stage1.tokens=8388608) ;;
             *) echo "unknown variant $v" >&2; return 2 ;;
         esac
         CUDA_VISIBLE_DEVICES=$gpu python3 -m merge_xlstm linearize recipes/code.yaml "${common[@]}" \

@@ -63,6 +63,9 @@ class StudentKind(Strict):
     def fit_stage1_loss(self, loss: Any) -> None:
         """Adjust (or refuse) stage I's loss terms for this student; `loss` is a recipe's Stage1Loss."""
 
+    def check_teacher(self, config: dict[str, Any]) -> None:
+        """Refuse (ValueError naming the field) options this teacher's `config` (its config.json) cannot take."""
+
 
 STUDENT_KINDS: Registry[type[StudentKind]] = Registry("student kind")
 
@@ -100,6 +103,21 @@ class HybridStudent(StudentKind):
         "memory_outside_window, falls back to all."
     )
 
+    memory_layers: list[int] | None = Field(
+        None, description="The layers (0-based) whose mixer has the mLSTM memory and the gate; the others are "
+        "SWA only (no memory, no new parameters, nothing to compute for it). None: every layer. Where a "
+        "teacher's long-context gain lives is measured by bench/layer_reach.py (issue 12: SmolLM2's lives in "
+        "layers 11-29); a layer without memory is also a layer without the memory's cost (issue 11)."
+    )
+
+    @model_validator(mode="after")
+    def _memory_layers_named_once(self) -> HybridStudent:
+        layers = self.memory_layers
+        if layers is not None and (not layers or min(layers) < 0 or len(set(layers)) != len(layers)):
+            raise ValueError(f"memory_layers: expected distinct layer indices >= 0 (at least one; for none, "
+                             f"mixer swa), got {layers}")
+        return self
+
     @model_validator(mode="after")
     def _evicted_needs_the_window(self) -> HybridStudent:
         if self.memory_keys == "evicted" and not (self.mixer == "hybrid" and self.memory_outside_window):
@@ -107,6 +125,9 @@ class HybridStudent(StudentKind):
                 raise ValueError("memory_keys evicted: needs mixer hybrid and memory_outside_window true")
             self.memory_keys = "all"
         return self
+
+    def check_teacher(self, config: dict[str, Any]) -> None:
+        check_memory_layers(self.memory_layers, config.get("num_hidden_layers"))
 
     def fit_stage1_loss(self, loss: Any) -> None:
         if self.mixer == "hybrid":
@@ -120,6 +141,13 @@ class HybridStudent(StudentKind):
                              f"gate), got {self.mixer!r}; set it to 0")
         for term in split:
             setattr(loss, term, 0.0)
+
+
+def check_memory_layers(memory_layers: list[int] | None, num_layers: int | None) -> None:
+    """Memory layers must be layers of the teacher (the recipe's preflight and the model config both ask)."""
+    outside = [i for i in memory_layers or [] if num_layers is not None and i >= num_layers]
+    if outside:
+        raise ValueError(f"memory_layers: the teacher has {num_layers} layers (0..{num_layers - 1}), got {outside}")
 
 
 def check_slstm_at(slstm_at: list[int], num_blocks: int) -> None:

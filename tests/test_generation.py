@@ -23,12 +23,13 @@ def make_student(kind: str) -> torch.nn.Module:
     torch.manual_seed(0)
     teacher = tiny_teacher("llama")
     if kind.startswith("hybrid"):  # hybrid_evicted: the memory holds only the keys the window let go
-        memory = {"memory_keys": "evicted"} if kind == "hybrid_evicted" else {}
+        memory = {"hybrid": {}, "hybrid_evicted": {"memory_keys": "evicted"},
+                  "hybrid_layer1": {"memory_keys": "evicted", "memory_layers": [1]}}[kind]  # layer 0: SWA alone
         return from_teacher(teacher, kind="hybrid", window_size=4, num_sink_tokens=2, **memory).eval()
     return from_teacher(teacher, kind="distil_xlstm", num_blocks=3, slstm_at=[0, 2], num_heads=4).eval()
 
 
-@pytest.fixture(scope="module", params=["hybrid", "hybrid_evicted", "distil_xlstm"])
+@pytest.fixture(scope="module", params=["hybrid", "hybrid_evicted", "hybrid_layer1", "distil_xlstm"])
 def student(request: pytest.FixtureRequest) -> torch.nn.Module:
     return make_student(request.param)
 
@@ -151,7 +152,7 @@ def test_plain_generate_prints_no_deprecation_warning(student: torch.nn.Module, 
     assert deprecations() == []
 
 
-@pytest.mark.parametrize("kind", ["hybrid", "hybrid_evicted"])
+@pytest.mark.parametrize("kind", ["hybrid", "hybrid_evicted", "hybrid_layer1"])
 def test_compiled_decode_step_is_one_graph_with_the_eager_tokens(kind: str) -> None:
     """A decode step on the static cache compiles whole (no graph break) and once (no recompile per step)."""
     from torch._dynamo.testing import CompileCounter

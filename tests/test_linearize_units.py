@@ -168,6 +168,22 @@ def test_stage1_steps_the_output_gate_at_its_share_of_the_learning_rate(tmp_path
         torch.testing.assert_close(moved[1][name], want, rtol=1e-4, atol=1e-9, msg=name)
 
 
+ALL_TERMS = {"output": 1.0, "gate": 1.0, "memory": 1.0, "memory_share": 1.0, "attention_transfer": 1.0}
+
+
+def stage1_on_every_term(teacher: torch.nn.Module, student: torch.nn.Module, tmp_path) -> list[dict]:
+    """15 stage-I steps of every term (attention transfer at 8 sampled queries); the metrics rows."""
+    recipe = LinearizeRecipe.model_validate({
+        "name": "t", "teacher": "org/tiny", "data": {"sources": [{"path": "org/data"}], "seq_len": 32},
+        "stage1": {"tokens": 32 * 4 * 15, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2, "warmup_steps": 2,
+                   "log_every": 1, "loss": ALL_TERMS, "attention_queries": 8},
+        "stage2": {"tokens": 1}, "seed": str(tmp_path / "seed"), "output": str(tmp_path / "out"),
+    })
+    run_stage1(Stage1Job.of(recipe), teacher=teacher, student=student, dataset=packed_rows(16, 32),
+               accelerator=make_accelerator("cpu", "fp32"), work_dir=tmp_path / "work")
+    return MetricsLog.read(tmp_path / "work" / "metrics.jsonl")
+
+
 @pytest.mark.parametrize("feature_dim", [None, 48])
 def test_stage1_trains_every_term_on_the_evicted_memory(tmp_path, feature_dim):
     """All of stage I's terms at once, attention transfer at sampled queries included, on the default
@@ -177,17 +193,23 @@ def test_stage1_trains_every_term_on_the_evicted_memory(tmp_path, feature_dim):
     student = from_teacher(teacher, mixer="hybrid", window_size=4, num_sink_tokens=2, feature_dim=feature_dim)
     assert student.model.layers[0].self_attn.phi_q.shape[-1] == (feature_dim or student.model.layers[0].self_attn.head_dim)
     assert student.config.memory_keys == "evicted"
-    terms = {"output": 1.0, "gate": 1.0, "memory": 1.0, "memory_share": 1.0, "attention_transfer": 1.0}
-    recipe = LinearizeRecipe.model_validate({
-        "name": "t", "teacher": "org/tiny", "data": {"sources": [{"path": "org/data"}], "seq_len": 32},
-        "stage1": {"tokens": 32 * 4 * 15, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2, "warmup_steps": 2,
-                   "log_every": 1, "loss": terms, "attention_queries": 8},
-        "stage2": {"tokens": 1}, "seed": str(tmp_path / "seed"), "output": str(tmp_path / "out"),
-    })
-    run_stage1(Stage1Job.of(recipe), teacher=teacher, student=student, dataset=packed_rows(16, 32),
-               accelerator=make_accelerator("cpu", "fp32"), work_dir=tmp_path / "work")
-    rows = MetricsLog.read(tmp_path / "work" / "metrics.jsonl")
+    rows = stage1_on_every_term(teacher, student, tmp_path)
     layers = len(student.model.layers)
-    for name in terms:
+    for name in ALL_TERMS:
         assert all(math.isfinite(r[f"{name}_l{layer}"]) for r in rows for layer in range(layers)), name
     assert rows[-1]["attention_transfer"] > 0 and rows[-1]["loss"] < 0.9 * rows[0]["loss"]
+
+
+def test_stage1_trains_only_the_memory_layers(tmp_path):
+    """student.memory_layers [1]: layer 0 is the window alone, so its split terms are 0 and nothing of it
+    trains; layer 1 trains every term, and its loss falls."""
+    teacher = tiny_teacher("qwen2")
+    student = from_teacher(teacher, mixer="hybrid", window_size=4, num_sink_tokens=2, memory_layers=[1])
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    rows = stage1_on_every_term(teacher, student, tmp_path)
+    assert all(r[f"{name}_l0"] == 0 for r in rows for name in ALL_TERMS if name != "output")
+    assert all(r["output_l0"] > 0 and all(r[f"{name}_l1"] > 0 for name in ALL_TERMS) for r in rows)
+    layer1 = [sum(r[f"{name}_l1"] for name in ALL_TERMS) for r in rows]  # layer 0 has nothing to train
+    assert layer1[-1] < 0.9 * layer1[0]
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith("model.layers.1.self_attn.") for n in changed)

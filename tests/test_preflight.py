@@ -176,6 +176,13 @@ def test_merge_weights_that_make_the_merge_meaningless_are_refused(tmp_path, cap
     assert not (tmp_path / "merged").exists()
 
 
+def test_memory_layers_the_teacher_lacks_are_refused_before_the_teacher_loads(workspace, capsys):
+    recipe = write_recipe(workspace, "code")
+    line = refusal(capsys, linearize(recipe, "student.memory_layers=[1, 2]"))
+    assert line == f"{recipe}: student: memory_layers: the teacher has 2 layers (0..1), got [2]"
+    assert not (workspace / "experts").exists()
+
+
 # ------------------------------------------------------------------------------ budgets
 def test_a_token_budget_beyond_memory_is_refused_before_the_teacher_loads(workspace, capsys):
     recipe = write_recipe(workspace, "code")

@@ -83,6 +83,11 @@ BAD_RECIPES: dict[str, tuple[Callable[[dict[str, Any]], None] | str, list[str], 
     "evicted-keys-without-a-window": (_update(None, student={"kind": "hybrid", "mixer": "mlstm",
                                                              "memory_keys": "evicted"}), [],
                                       "student: memory_keys evicted: needs mixer hybrid and memory_outside_window true"),
+    "memory-layers-twice": (_update(None, student={"kind": "hybrid"}), ["student.memory_layers=[3, 3]"],
+                            "student: memory_layers: expected distinct layer indices >= 0 (at least one; for none, "
+                            "mixer swa), got [3, 3]"),
+    "memory-layers-empty": (_update(None, student={"kind": "hybrid"}), ["student.memory_layers=[]"],
+                            "student: memory_layers: expected distinct"),
 }
 
 

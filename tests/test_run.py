@@ -316,6 +316,22 @@ def test_report_summary_checks_the_goals_on_known_scores(tmp_path, monkeypatch):
     assert "alpha\\* = 0.0000" in lines[0] and "not met" in lines[-2]
 
 
+def test_report_training_section_shows_layers_without_a_gate(tmp_path, monkeypatch):
+    """An expert whose memory_layers leave layer 0 without a gate: "-" in the table, a gap in the plot."""
+    from merge_xlstm.mission.report import SECTIONS, ReportData
+    from merge_xlstm.mission.spec import load_mission
+
+    root = make_workspace(tmp_path / "ws")
+    monkeypatch.chdir(root)
+    metrics = [{"stage": "stage1", "tokens": 64, "loss": 0.5}, {"stage": "stage2", "tokens": 64, "loss": 2.0}]
+    expert = {"provenance": {"output_gate_medians": [None, 0.25, 0.5]}, "metrics": metrics}
+    data = ReportData(load_mission("pipeline.yaml"), {}, {"candidates": []}, {}, {"code": expert})
+    lines, json_data = SECTIONS.get("training").build(data, tmp_path)
+    assert json_data["code"]["output_gate_medians"] == [None, 0.25, 0.5]
+    assert any(line.endswith("| - 0.25 0.50 |") for line in lines), lines
+    assert (tmp_path / "training.png").stat().st_size > 0
+
+
 def test_a_gpu_launcher_without_gpus_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
     root = make_workspace(tmp_path / "ws")
     monkeypatch.chdir(root)

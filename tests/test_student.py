@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from merge_xlstm.linearize.report import format_gates, gate_medians
 from merge_xlstm.student import from_teacher, new_parameters
 from merge_xlstm.student.cache import output_cache
-from merge_xlstm.student.modeling_xlstm_hybrid import token_layout
+from merge_xlstm.student.modeling_xlstm_hybrid import GATE, token_layout
 from merge_xlstm.testing import tiny_teacher
 
 FAMILIES = ["llama", "qwen2", "olmo2"]
@@ -60,8 +61,9 @@ def test_reused_weights_are_the_teachers_and_new_parameters_are_the_mixers(teach
     assert s_state[next(iter(t_state))].data_ptr() != t_state[next(iter(t_state))].data_ptr()  # a copy
 
 
-MEMORIES = [{"mixer": "hybrid"}, {"mixer": "mlstm"}, {"mixer": "hybrid", "memory_keys": "evicted"}]
-MEMORY_IDS = ["hybrid", "mlstm", "evicted"]
+MEMORIES = [{"mixer": "hybrid"}, {"mixer": "mlstm"}, {"mixer": "hybrid", "memory_keys": "evicted"},
+            {"mixer": "hybrid", "memory_keys": "evicted", "memory_layers": [1]}]
+MEMORY_IDS = ["hybrid", "mlstm", "evicted", "memory_in_layer_1"]
 
 
 @pytest.mark.parametrize("options", MEMORIES, ids=MEMORY_IDS)
@@ -136,18 +138,56 @@ def test_decoding_state_does_not_grow(teacher):
     assert size(output_cache(out)) == before
 
 
-def test_save_and_auto_reload_is_bit_exact(teacher, tmp_path):
-    student = from_teacher(teacher, mixer="hybrid", window_size=4, num_sink_tokens=2, feature_dim=8)
+@pytest.mark.parametrize("memory_layers", [None, [0]])
+def test_save_and_auto_reload_is_bit_exact(teacher, tmp_path, memory_layers):
+    student = from_teacher(teacher, mixer="hybrid", window_size=4, num_sink_tokens=2, feature_dim=8,
+                           memory_layers=memory_layers)
     student.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert type(reloaded).__name__ == "XLSTMHybridForCausalLM"
     assert reloaded.config.feature_dim == 8 and reloaded.config.window_size == 4
+    assert reloaded.config.memory_layers == memory_layers
+    assert [layer.self_attn.mixer for layer in reloaded.model.layers] == (
+        ["hybrid", "hybrid"] if memory_layers is None else ["hybrid", "swa"])
     for (name, a), b in zip(student.state_dict().items(), reloaded.state_dict().values()):
         assert torch.equal(a, b), name
     x = ids(1, 10)
     with torch.no_grad():
         assert torch.equal(student(x).logits, reloaded(x).logits)
+
+
+@torch.no_grad()
+def test_a_layer_without_memory_is_the_hybrid_layer_with_its_gate_shut(teacher):
+    """memory_layers [1]: layer 0 is the SWA branch alone, with no new parameters, and the student computes what
+    the every-layer student computes when layer 0's gate is shut and layer 1 has the same new parameters."""
+    options = {"mixer": "hybrid", "window_size": 4, "num_sink_tokens": 2}
+    sparse = from_teacher(teacher, memory_layers=[1], **options)
+    full = from_teacher(teacher, **options)
+    assert [layer.self_attn.mixer for layer in sparse.model.layers] == ["swa", "hybrid"]
+    new = {id(p) for p in new_parameters(sparse)}
+    assert {name.split(".")[2] for name, p in sparse.named_parameters() if id(p) in new} == {"1"}
+    assert sum(p.numel() for p in new_parameters(sparse)) * 2 == sum(p.numel() for p in new_parameters(full))
+    torch.manual_seed(1)
+    for p in new_parameters(sparse):
+        p.normal_(0, 0.3)  # a trained-looking layer 1, copied into the full student
+    full.load_state_dict(sparse.state_dict(), strict=False)
+    full.model.layers[0].self_attn.ogate.bias.fill_(-GATE)
+    x = ids(2, 19)
+    torch.testing.assert_close(sparse(x).logits, full(x).logits, atol=ATOL, rtol=0)
+    with sparse.record_gates() as gates:
+        sparse(x)
+    assert gates[0] is None and len(gates[1]) == 1
+    medians = gate_medians(gates)
+    assert medians[0] is None and medians[1] == gates[1][0].median().item()
+    assert format_gates(medians) == f"- {medians[1]:.2g}"
+    assert not torch.allclose(sparse(x).logits, from_teacher(teacher, mixer="swa", window_size=4,
+                                                              num_sink_tokens=2)(x).logits, atol=1e-3)
+
+
+def test_memory_layers_outside_the_teacher_are_refused(teacher):
+    with pytest.raises(ValueError, match=r"memory_layers: the teacher has 2 layers \(0..1\), got \[2\]"):
+        from_teacher(teacher, mixer="hybrid", memory_layers=[0, 2])
 
 
 def test_gradients_reach_the_new_parameters(teacher):

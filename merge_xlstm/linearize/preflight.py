@@ -24,7 +24,7 @@ from merge_xlstm.linearize.data import COLUMNS, check_sources, packed_key
 from merge_xlstm.linearize.stage1 import Stage1Job
 from merge_xlstm.linearize.stage2 import Stage2Job
 from merge_xlstm.linearize.targets import bytes_per_row
-from merge_xlstm.model_files import check_model_dir, tensor_shapes
+from merge_xlstm.model_files import check_model_dir, read_json_object, tensor_shapes
 from merge_xlstm.preflight import check_free_disk, check_free_memory, check_writable_dir
 from merge_xlstm.provenance import read_metadata
 from merge_xlstm.recipe import LinearizeRecipe
@@ -69,6 +69,10 @@ def check_before_work(
         return f"{source}: {field}" if source else field
 
     teacher_shards = check_model_dir(teacher_dir, recipe.teacher)
+    try:
+        recipe.student.check_teacher(read_json_object(teacher_dir / "config.json", str(teacher_dir)))
+    except ValueError as exc:
+        raise UserError(str(exc), where=at("student")) from None
     seed = Path(recipe.seed)
     seed_meta = read_metadata(seed)
     if seed_meta.get("kind") == "seed":

@@ -75,10 +75,18 @@ def output_gate_medians(student: nn.Module, item: dict[str, Tensor], device: tor
     return gate_medians(gates)
 
 
-def gate_medians(gates: list[list[Tensor]]) -> list[float] | None:
-    """Per-layer median of recorded gates, over every call, token and head together (None if none was recorded)."""
-    values = [torch.cat([g.flatten() for g in layer]) for layer in gates]
-    return [v.median().item() for v in values] if all(v.numel() for v in values) else None
+def gate_medians(gates: list[list[Tensor] | None]) -> list[float | None] | None:
+    """Per-layer median of recorded gates, over every call, token and head together; None for a layer without
+    a gate (``student.memory_layers``), and None altogether if no position was recorded."""
+    values = [None if layer is None else torch.cat([g.flatten() for g in layer]) for layer in gates]
+    if any(v is not None and not v.numel() for v in values):
+        return None
+    return [None if v is None else v.median().item() for v in values]
+
+
+def format_gates(medians: list[float | None], spec: str = ".2g") -> str:
+    """Gate medians in one line, "-" for a layer without a gate."""
+    return " ".join("-" if g is None else format(g, spec) for g in medians)
 
 
 @torch.no_grad()
@@ -210,7 +218,7 @@ def model_card(
     ]
     if gates:
         lines += ["", "## Output-gate medians per layer (1 = mLSTM, 0 = SWA)", "",
-                  " ".join(f"{g:.2g}" for g in gates)]
+                  format_gates(gates)]
     if provenance.get("long_context"):
         lines += _long_context_card(provenance["long_context"])
     lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```", ""]

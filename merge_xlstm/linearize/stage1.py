@@ -89,6 +89,13 @@ class Term:
     fn: Callable[[LayerAlignment], Tensor]
     needs_reference: bool = False
     needs_weights: bool = False  # the attention weights at sampled queries (LayerAlignment.attention)
+    # Reads both branches and the gate: 0 in a layer that has the window alone (student.memory_layers)
+    needs_gate: bool = False
+
+    def __call__(self, layer: LayerAlignment) -> Tensor:
+        if self.needs_gate and layer.parts.o is None:
+            return layer.output.sum() * 0  # zero, in the graph: every layer's row has every term
+        return self.fn(layer)
 
 
 STAGE1_TERMS: Registry[Term] = Registry("stage-1 loss term")
@@ -110,13 +117,15 @@ def binary_kl(target: Tensor, prob: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 STAGE1_TERMS.register("gate")(Term(
-    lambda a: _masked_mean(binary_kl(a.beyond, a.parts.o[..., 0].float()), a.valid), needs_reference=True
+    lambda a: _masked_mean(binary_kl(a.beyond, a.parts.o[..., 0].float()), a.valid), needs_reference=True,
+    needs_gate=True,
 ))
 STAGE1_TERMS.register("memory")(Term(
     lambda a: _masked_mean(
         (torch.lerp(a.parts.swa.float(), a.parts.mlstm.float(), a.beyond[..., None]) - a.reference).square(), a.valid
     ),
     needs_reference=True,
+    needs_gate=True,
 ))
 
 # Below this share b of the teacher's attention beyond the window, the beyond part is too small to pin down
@@ -137,7 +146,7 @@ def _memory_share(a: LayerAlignment) -> Tensor:
     return share / (a.beyond * weight).sum().clamp_min(1e-6)
 
 
-STAGE1_TERMS.register("memory_share")(Term(_memory_share, needs_reference=True))
+STAGE1_TERMS.register("memory_share")(Term(_memory_share, needs_reference=True, needs_gate=True))
 
 
 def _attention_transfer(a: LayerAlignment) -> Tensor:
@@ -157,7 +166,9 @@ def _attention_transfer(a: LayerAlignment) -> Tensor:
     return (kl * weight).sum() / weight.sum().clamp_min(1e-6)
 
 
-STAGE1_TERMS.register("attention_transfer")(Term(_attention_transfer, needs_reference=True, needs_weights=True))
+STAGE1_TERMS.register("attention_transfer")(
+    Term(_attention_transfer, needs_reference=True, needs_weights=True, needs_gate=True)
+)
 
 
 class MixerAlignment(nn.Module):
@@ -179,7 +190,7 @@ class MixerAlignment(nn.Module):
         )
         for layer in layers:
             layer = LayerAlignment(target=targets[len(rows)], **layer)
-            rows.append(torch.stack([term.fn(layer) for term in self.terms.values()]))
+            rows.append(torch.stack([term(layer) for term in self.terms.values()]))
         return torch.stack(rows)
 
 

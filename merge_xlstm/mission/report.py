@@ -19,6 +19,7 @@ from merge_xlstm.eval.compare import DEFAULT_ALPHAS, PLOT_UPTO, compare
 from merge_xlstm.eval.scores import ScoreTable, load_scores
 from merge_xlstm.io import atomic_dir, write_json
 from merge_xlstm.digests import fingerprint
+from merge_xlstm.linearize.report import format_gates
 from merge_xlstm.linearize.training import MetricsLog
 from merge_xlstm.mission.evaluation import results_dir
 from merge_xlstm.mission.spec import Mission
@@ -305,14 +306,14 @@ def _training(data: ReportData, out: Path) -> tuple[list[str], dict[str, Any]]:
                           label="seed" if stage == "stage1" else domain)
         medians = record.get("output_gate_medians") or []
         if medians:
-            gates.plot(range(len(medians)), medians, marker=".", label=domain)
+            gates.plot(range(len(medians)), [math.nan if g is None else g for g in medians], marker=".", label=domain)
         final = {stage: {k: v for k, v in next((r for r in reversed(metrics) if r["stage"] == stage), {}).items()
                          if k not in CLOCK_FIELDS} for stage in ("stage1", "stage2")}
         validation = record.get("validation", {})
         kl = next((v for k, v in validation.items() if k.endswith("_kl")), None)
         rows.append([domain, _num(final["stage1"].get("loss"), 4, "g"), _num(final["stage2"].get("loss"), 4),
                      _num(validation.get("student_ce"), 4), _num(validation.get("teacher_ce"), 4), _num(kl, 4),
-                     " ".join(f"{g:.2f}" for g in medians) or "-"])
+                     format_gates(medians, ".2f") or "-"])
         json_data[domain] = {"final": final, "validation": validation, "output_gate_medians": medians,
                              "tokens": record.get("tokens")}
     for axes, title in ((stage1, "stage I loss (shared seed)"), (stage2, "stage II loss")):

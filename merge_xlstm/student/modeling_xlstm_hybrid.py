@@ -29,6 +29,10 @@ Design decisions the paper leaves open (each measured or tested, see tests/ and 
   the teacher's attention split at the window's edge. With every key (``"all"``) the recent keys the
   window already covers dominate the decayed state. The cache's ring of the last W keys is where a
   decode step finds the key it evicts.
+- Memory layers: ``memory_layers`` lists the layers that have the mLSTM branch and the gate; the others
+  are the SWA branch alone (default: every layer has both). A teacher's long-context gain need not live
+  in every layer (bench/layer_reach.py measures where it does), and a layer without memory costs what its
+  window costs.
 - Initialisation: feature maps start as the identity (phi = softmax of q or k itself); forget-gate
   biases spread over [3, 6] across heads (memories of ~20 to ~400 tokens, as in xLSTM); gate weights
   and the input-gate bias start at zero (a constant input gate cancels in the normalised ratio); the
@@ -62,7 +66,7 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from merge_xlstm.kinds import HybridStudent
+from merge_xlstm.kinds import HybridStudent, check_memory_layers
 from merge_xlstm.student.cache import (
     RecurrentGenerationMixin,
     RecurrentLayer,
@@ -115,11 +119,17 @@ class XLSTMHybridConfig(RecurrentLayerTypes, PreTrainedConfig):
     memory_outside_window: bool = False
     forget_bias: tuple[float, float] = _KIND_FIELDS["forget_bias"].default
     memory_keys: str = "all"
+    memory_layers: list[int] | None = _KIND_FIELDS["memory_layers"].default
     prefill_chunk_length: int = 16384
+
+    def layer_mixer(self, layer_idx: int) -> str:
+        """The mixer of layer `layer_idx`: ``mixer``, or SWA alone in a layer ``memory_layers`` leaves out."""
+        return self.mixer if self.memory_layers is None or layer_idx in self.memory_layers else "swa"
 
     def teacher_config(self) -> PreTrainedConfig:
         own = {"teacher_family", "mixer", "window_size", "num_sink_tokens", "feature_dim", "mlstm_rope",
-               "memory_outside_window", "forget_bias", "memory_keys", "prefill_chunk_length", "layer_types"}
+               "memory_outside_window", "forget_bias", "memory_keys", "memory_layers", "prefill_chunk_length",
+               "layer_types"}
         fields = {k: v for k, v in self.to_dict().items() if k not in own and k != "model_type"}
         return FAMILIES.get(self.teacher_family).config_class.from_dict(fields)
 
@@ -241,7 +251,7 @@ class HybridMixer(nn.Module):
     def __init__(self, config: XLSTMHybridConfig, family: Family, teacher_config: PreTrainedConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.mixer = config.mixer
+        self.mixer = config.layer_mixer(layer_idx)
         self.num_heads = teacher_config.num_attention_heads
         self.num_kv_heads = teacher_config.num_key_value_heads
         self.head_dim = getattr(teacher_config, "head_dim", None) or teacher_config.hidden_size // self.num_heads
@@ -627,6 +637,7 @@ class XLSTMHybridModel(XLSTMHybridPreTrainedModel):
             raise ValueError(f"mixer must be one of {MIXERS}, got {config.mixer!r}")
         family = FAMILIES.get(config.teacher_family)
         teacher_config = config.teacher_config()
+        check_memory_layers(config.memory_layers, teacher_config.num_hidden_layers)
         self.embed_tokens = nn.Embedding(teacher_config.vocab_size, teacher_config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(
             XLSTMHybridDecoderLayer(config, family, teacher_config, i) for i in range(teacher_config.num_hidden_layers)
@@ -649,10 +660,10 @@ class XLSTMHybridModel(XLSTMHybridPreTrainedModel):
     ) -> Iterator[dict[str, Any]]:
         """Every layer's mixer on the given per-layer inputs (the teacher's, in stage I): its output,
         branches and gate; with `reference`, also the teacher's full attention per head and its mass
-        beyond the window (from the same, teacher-copied q/k/v). With `weight_queries`, at that many
-        query positions spread over those the window no longer covers, also the teacher's attention
-        weights over the keys beyond the window and the memory's weights over its keys (log-probabilities,
-        (B, H, n, T)). Yields one dict per layer.
+        beyond the window (from the same, teacher-copied q/k/v), in the layers with a gate. With
+        `weight_queries`, at that many query positions spread over those the window no longer covers,
+        also the teacher's attention weights over the keys beyond the window and the memory's weights
+        over its keys (log-probabilities, (B, H, n, T)). Yields one dict per layer.
 
         Layer-local alignment: each mixer learns from the teacher's own hidden states, so layers train
         in parallel from one teacher pass and errors of earlier student layers do not compound.
@@ -670,12 +681,12 @@ class XLSTMHybridModel(XLSTMHybridPreTrainedModel):
             mixer = layer.self_attn
             parts = mixer.parts(inp, rope, layout, starts, swa_lse=reference)
             out = {"output": mixer.output(parts), "parts": parts, "valid": layout.q_valid}
-            if reference:
+            if reference and parts.o is not None:  # what the gate and memory terms read: layers with both branches
                 with torch.no_grad():
                     attention, lse = mixer.attention(parts.q, parts.k, parts.v, full, return_lse=True)
                     out["reference"] = attention.float()
                     out["beyond"] = (1 - torch.exp(parts.swa_lse.detach().float() - lse.float())).clamp(0, 1)
-            if weight_queries and len(rows):
+            if weight_queries and len(rows) and parts.memory_inputs is not None:
                 teacher = beyond_window_log_probs(parts.q, parts.k, layout, rows, mixer.scaling)
                 out["attention"] = (teacher, mixer.memory_log_weights(parts, layout, starts, rows).log_softmax(-1), rows)
             yield out
@@ -790,16 +801,17 @@ class XLSTMHybridForCausalLM(RecurrentGenerationMixin, XLSTMHybridPreTrainedMode
         Only where the memory may act, positions the window and sinks no longer cover (the gates of
         the rest are closed by ``memory_outside_window`` or, without it, do not decide anything the
         teacher's attention would not): per layer, one float32 CPU tensor (positions x heads) per
-        forward call. Yields None for a student without a gate (mixer ``swa`` or ``mlstm``).
+        forward call; None for a layer without a gate (``memory_layers`` leaves it out). Yields None for a
+        student without a gate (mixer ``swa`` or ``mlstm``).
         """
-        mixers = [layer.self_attn for layer in self.model.layers]
-        if mixers[0].mixer != "hybrid":
+        mixers = [layer.self_attn for layer in self.model.layers if layer.self_attn.mixer == "hybrid"]
+        if not mixers:
             yield None
             return
         for mixer in mixers:
             mixer.gate_log = []
         try:
-            yield [mixer.gate_log for mixer in mixers]
+            yield [layer.self_attn.gate_log for layer in self.model.layers]
         finally:
             for mixer in mixers:
                 mixer.gate_log = None
