@@ -26,6 +26,10 @@ same run. Parts (``--parts``):
   decode's for ``--equality-steps`` steps (SmolLM2 shape, float32 and bfloat16). It runs after the
   shapes' parts: it is the longest and does not block the speed figures.
 
+The student is the default hybrid kind (memory of evicted keys in every layer); ``--memory-from SHARE``
+gives it memory in the layers from round(SHARE x layers) up only (``student.memory_layers``), the window
+alone below, and the JSON records which (``student_memory_layers``).
+
 Writes one JSON (``--out``), updated after every measurement, so a killed run keeps what it measured
 and ``--resume`` skips it. Never run by CI (needs CUDA).
 Usage: python bench/inference.py --out bench/results/inference_h200.json [--shapes 1b smollm2] ...
