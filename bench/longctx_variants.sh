@@ -27,8 +27,8 @@
 #            at most ~64 kinds of key apart; retrieving one key among thousands beyond the window needs more);
 #   evictedatf256: evictedat with 256 features a head;
 #   evicteddeep: evicted with the memory in layers 11-29 only (student.memory_layers), the layers where
-#            full attention recovers 0.77-0.87 of the teacher's long-context gain (bench/layer_reach.py); layers
-#            0-10 are the window alone (full attention there recovers <= 0.08);
+#            full attention recovers 0.73-0.87 of the teacher's long-context gain (bench/layer_reach.py); layers
+#            0-10 are the window alone (full attention there recovers <= 0.13 up to 4K, 0.04-0.19 at 4K-8K);
 #   evicteddeep8m: evicteddeep with 8M stage-I tokens.
 # The 2026-11-30 ablation ran paper and split (docs/results/longctx_ablation); the same teacher, data and
 # tokens give the same figures, so a later call may run only the new ones. $OUT gets ablation.json,

@@ -111,7 +111,7 @@ class HybridStudent(StudentKind):
     )
 
     @model_validator(mode="after")
-    def _memory_layers_named_once(self) -> HybridStudent:
+    def _memory_layers_distinct(self) -> HybridStudent:
         layers = self.memory_layers
         if layers is not None and (not layers or min(layers) < 0 or len(set(layers)) != len(layers)):
             raise ValueError(f"memory_layers: expected distinct layer indices >= 0 (at least one; for none, "

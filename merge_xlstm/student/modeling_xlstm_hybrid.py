@@ -681,12 +681,13 @@ class XLSTMHybridModel(XLSTMHybridPreTrainedModel):
             mixer = layer.self_attn
             parts = mixer.parts(inp, rope, layout, starts, swa_lse=reference)
             out = {"output": mixer.output(parts), "parts": parts, "valid": layout.q_valid}
-            if reference and parts.o is not None:  # what the gate and memory terms read: layers with both branches
+            gated = parts.o is not None  # what the split terms read exists only in layers with both branches
+            if reference and gated:
                 with torch.no_grad():
                     attention, lse = mixer.attention(parts.q, parts.k, parts.v, full, return_lse=True)
                     out["reference"] = attention.float()
                     out["beyond"] = (1 - torch.exp(parts.swa_lse.detach().float() - lse.float())).clamp(0, 1)
-            if weight_queries and len(rows) and parts.memory_inputs is not None:
+            if weight_queries and len(rows) and gated:
                 teacher = beyond_window_log_probs(parts.q, parts.k, layout, rows, mixer.scaling)
                 out["attention"] = (teacher, mixer.memory_log_weights(parts, layout, starts, rows).log_softmax(-1), rows)
             yield out
