@@ -22,13 +22,16 @@ same run. Parts (``--parts``):
   host's side (launches, syncs, the costliest operators by CPU time, issue time against wall time).
 - ``profile_decode``: one compiled decode step at the last ``--batch`` after ``--profile-context`` tokens,
   without CUDA graphs so the profiler sees each kernel: kernels per step and where the device time goes.
-- ``equality``: greedy tokens of the compiled static-cache decode equal the eager dynamic-cache
-  decode's for ``--equality-steps`` steps (SmolLM2 shape, float32 and bfloat16). It runs after the
-  shapes' parts: it is the longest and does not block the speed figures.
+- ``equality``: greedy tokens of the served decode step (the fused kernel on CUDA), eager and compiled on
+  the static cache, against eager dynamic-cache decoding through the layer-by-layer step, for
+  ``--equality-steps`` steps (SmolLM2 shape, float32 and bfloat16). It runs after the shapes' parts: it
+  is the longest and does not block the speed figures.
 
 The student is the default hybrid kind (memory of evicted keys in every layer); ``--memory-from SHARE``
 gives it memory in the layers from round(SHARE x layers) up only (``student.memory_layers``), the window
-alone below, and the JSON records which (``student_memory_layers``).
+alone below, and the JSON records which (``student_memory_layers``). Its decode step is the device's
+default (one fused Triton kernel per layer on CUDA) or ``--decode-backend layers`` (the layer-by-layer
+step, for comparison); the JSON records which (``student_decode_backend``).
 
 Writes one JSON (``--out``), updated after every measurement, so a killed run keeps what it measured
 and ``--resume`` skips it. Never run by CI (needs CUDA).
@@ -55,7 +58,7 @@ from merge_xlstm.linearize.losses import SparseKDLoss
 from merge_xlstm.recipe import Stage2Spec
 from merge_xlstm.student import from_teacher
 from merge_xlstm.student.cache import CACHE_FIELD, output_cache
-from merge_xlstm.student.kernels import MLSTM_BACKENDS
+from merge_xlstm.student.kernels import MLSTM_BACKENDS, default_backends
 
 SHAPES = {
     "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -77,6 +80,7 @@ EQUALITY_SHAPE = "smollm2"
 DTYPE = torch.bfloat16
 MEMORY_KEYS = "evicted"  # the student's student.memory_keys (--memory-keys): the default kind's
 MEMORY_FROM = 0.0  # --memory-from: the student's memory_layers are those from round(MEMORY_FROM x layers) up
+DECODE_BACKEND: str | None = None  # --decode-backend: the student's decode step, None for the device's default
 MLSTM_CHUNK: int | None = None  # --mlstm-chunk-size: the triton mLSTM backend's chunk size, None for the default
 PREFILL_TIMED_TOKENS = 65536  # a short prefill is timed over as many prompts as make this many tokens
 
@@ -92,6 +96,7 @@ def build(shape: str, dtype: torch.dtype | None = None, max_len: int = 262144) -
     memory_layers = None if MEMORY_FROM == 0 else list(range(round(MEMORY_FROM * layers), layers))
     student = from_teacher(teacher, mixer="hybrid", window_size=512, num_sink_tokens=4, memory_outside_window=True,
                            memory_keys=MEMORY_KEYS, memory_layers=memory_layers).to(dtype).eval()
+    student.model.set_backends(decode=DECODE_BACKEND)
     with torch.no_grad():  # open gates: the memory branch's cost is paid either way, its output matters here
         for layer in student.model.layers:
             if layer.self_attn.mixer == "swa":  # a layer memory_layers leaves out: the window alone
@@ -340,18 +345,24 @@ def greedy_equality(steps: int, dtype: torch.dtype) -> dict[str, Any]:
     _, student = build(EQUALITY_SHAPE, dtype)
     prompt = torch.randint(0, student.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     runs = {}
-    for compiled in (False, True):
+    # the reference: eager, the layer-by-layer decode step; then the served path's step, eager and compiled
+    for name, compiled, backend in (("eager_layers", False, "layers"), ("eager", False, DECODE_BACKEND),
+                                    ("compiled", True, DECODE_BACKEND)):
         torch._dynamo.reset()
+        student.model.set_backends(decode=backend)
         cache = static_cache(student, 2, 300, steps + 8) if compiled else DynamicCache(config=student.config)
         step = torch.compile(student.forward, **COMPILE) if compiled else student.forward
         nxt = fill(student, cache, prompt, 4096)
         tokens = [nxt]
         for _ in range(steps - 1):
             tokens.append(step(input_ids=tokens[-1], **{CACHE_FIELD: cache}, use_cache=True).logits[:, -1:].argmax(-1))
-        runs[compiled] = torch.cat(tokens, 1)
-    same = (runs[True] == runs[False]).all(0)
-    first_diff = int((~same).nonzero()[0]) if not same.all() else None
-    return {"steps": steps, "equal": bool(same.all()), "first_difference_at": first_diff}
+        runs[name] = torch.cat(tokens, 1)
+    result: dict[str, Any] = {"steps": steps, "decode_backend": DECODE_BACKEND or "device default"}
+    for name in ("eager", "compiled"):
+        same = (runs[name] == runs["eager_layers"]).all(0)
+        result[f"{name}_equals_eager_layers"] = bool(same.all())
+        result[f"{name}_first_difference_at"] = int((~same).nonzero()[0]) if not same.all() else None
+    return result
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -480,6 +491,8 @@ def main() -> None:
     parser.add_argument("--memory-from", type=float, default=0.0, metavar="SHARE",
                         help="the student's memory_layers: the layers from round(SHARE x layers) up, the others SWA "
                              "alone (0: every layer; SmolLM2's measured choice, layers 11-29 of 30, is 0.367)")
+    parser.add_argument("--decode-backend", default=None, choices=["fused", "layers"],
+                        help="the student's decode step (default: the device's, fused on CUDA)")
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run of this script (eager compile backend)")
     parser.add_argument("--dtype", default="bfloat16", help="the models' dtype (a CPU smoke run needs float32)")
     parser.add_argument("--combine", nargs="+", type=Path, default=None, metavar="JSON",
@@ -488,8 +501,9 @@ def main() -> None:
     if args.combine:
         combine(args.combine, args.out)
         return
-    global DEVICE, EQUALITY_SHAPE, DTYPE, MEMORY_KEYS, MEMORY_FROM, MLSTM_CHUNK
+    global DEVICE, EQUALITY_SHAPE, DTYPE, MEMORY_KEYS, MEMORY_FROM, MLSTM_CHUNK, DECODE_BACKEND
     DEVICE, DTYPE, MEMORY_KEYS, MEMORY_FROM = args.device, getattr(torch, args.dtype), args.memory_keys, args.memory_from
+    DECODE_BACKEND = args.decode_backend
     MLSTM_CHUNK = args.mlstm_chunk_size
     if DEVICE == "cpu":
         COMPILE.clear()
@@ -507,6 +521,7 @@ def main() -> None:
         teacher, student = build(shape)
         results.put({"teacher": param_bytes(teacher), "student": param_bytes(student)}, shape, "param_bytes")
         results.put(student.config.memory_layers, shape, "student_memory_layers")
+        results.put(DECODE_BACKEND or default_backends(torch.device(DEVICE))[2], shape, "student_decode_backend")
         models = {name: model for name, model in (("teacher", teacher), ("student", student)) if name in args.models}
         if "prefill" in args.parts:
             for context in args.prefill_contexts:

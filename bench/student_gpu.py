@@ -7,6 +7,9 @@
    (constant state: the two must match).
 3. The FlexAttention paths CPU tests cannot reach: a prefill continuing a cache (more keys than
    queries) and the log-sum-exp stage I's split terms use, against the dense reference.
+4. The fused decode step (one compiled Triton kernel per layer) against the layer-by-layer step on the
+   same weights and tokens, after a prompt past the window, in float32 and bfloat16 (CPU tests run the
+   kernel in Triton's interpreter only).
 Speed and memory against the teacher: bench/inference.py.
 
 Usage: python bench/student_gpu.py --out bench.json [--model-size smollm2]
@@ -147,19 +150,64 @@ def cached_and_split_agreement(size: str, seq_len: int) -> dict[str, float]:
     return out
 
 
+@torch.no_grad()
+def fused_decode_agreement(size: str, prompt: int, steps: int) -> dict[str, dict[str, float]]:
+    """Logits of `steps` decode steps and the final mLSTM state, fused step against the layer-by-layer step,
+    fed the same random tokens after a `prompt`-token prompt (row 1 left-padded by 5), per dtype."""
+    result = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        teacher = teacher_of(size, dtype)
+        student = from_teacher(teacher, mixer="hybrid", window_size=512, num_sink_tokens=4).to(dtype).eval()
+        del teacher
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        for name, p in student.named_parameters():
+            if any(k in name for k in ("phi_q", "phi_k", "gate")):
+                p.copy_(torch.randn(p.shape, device="cuda", generator=generator) * 0.3)
+        vocab = SIZES[size]["vocab_size"]
+        ids = torch.randint(0, vocab, (2, prompt), device="cuda", generator=generator)
+        mask = torch.ones_like(ids)
+        mask[1, :5] = 0
+        tokens = torch.randint(0, vocab, (2, steps), device="cuda", generator=generator)
+        runs = {}
+        for backend in ("layers", "fused"):
+            student.model.set_backends(decode=backend)
+            cache = output_cache(student(input_ids=ids, attention_mask=mask, use_cache=True))
+            logits, step_mask = [], mask
+            for t in range(steps):
+                step_mask = torch.cat([step_mask, torch.ones_like(step_mask[:, :1])], 1)
+                out = student(input_ids=tokens[:, t : t + 1], attention_mask=step_mask, use_cache=True,
+                              **{CACHE_FIELD: cache})
+                logits.append(out.logits.float())
+            runs[backend] = (torch.cat(logits, 1), [layer.state["C"].float() for layer in cache.layers])
+        (want, want_c), (got, got_c) = runs["layers"], runs["fused"]
+        result[str(dtype).removeprefix("torch.")] = {
+            "logits_rel_err": rel_err(got, want),
+            "logits_max_abs_err": (got - want).abs().max().item(),
+            "argmax_agreement": (got.argmax(-1) == want.argmax(-1)).float().mean().item(),
+            "state_C_rel_err_max": max(rel_err(a, b) for a, b in zip(got_c, want_c)),
+        }
+        del student
+        torch.cuda.empty_cache()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench-student-gpu.json")
     parser.add_argument("--model-size", default="smollm2", choices=sorted(SIZES))
     parser.add_argument("--decode-tokens", type=int, default=1000)
+    parser.add_argument("--sections", nargs="+", default=None, help="run only these sections (default: all)")
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model_size": args.model_size}
     sections = {
         "agreement_vs_fp32_reference": lambda: kernel_agreement(args.model_size, 1024),
         "cached_and_split_vs_dense": lambda: cached_and_split_agreement(args.model_size, 2048),
         "decode_memory": lambda: decode_memory(args.model_size, [1024, 16384], args.decode_tokens),
+        "fused_decode_vs_layers": lambda: fused_decode_agreement(args.model_size, 1024, 64),
     }
     for name, run in sections.items():  # written after each section, so a time-out keeps what finished
+        if args.sections and name not in args.sections:
+            continue
         report[name] = run()
         print(name, json.dumps(report[name]), flush=True)
         with open(args.out, "w") as handle:

@@ -17,6 +17,9 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"  # the hub is never reachable from CI; fail fast, never wait on it
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+# Without a GPU, Triton kernels (the fused decode step) run in Triton's interpreter on CPU tensors. Read when a
+# kernel is defined, at import, so set before merge_xlstm is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

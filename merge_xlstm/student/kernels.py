@@ -1,9 +1,11 @@
 """Kernel backends of the hybrid mixer, chosen per device behind one small registry.
 
 - mLSTM: mlstm_kernels' chunkwise kernels for sequences (triton on GPU, native PyTorch on CPU),
-  its step kernel for decoding, and its recurrent kernel for the tail of lengths that are not a
-  multiple of the chunk size. ``wrap_chunkwise__arbitrary_sequence_length`` stitches the three
-  together and carries the (C, n, m) state, so prefill and decoding share one entry point.
+  its native step kernel for decoding, and its native recurrent kernel for the tail of lengths that
+  are not a multiple of the chunk size. ``wrap_chunkwise__arbitrary_sequence_length`` stitches the
+  three together and carries the (C, n, m) state, so prefill and decoding share one entry point.
+- Decode step of a hybrid layer: the same branch code as any pass, or one fused Triton kernel
+  (fused_decode.py), the CUDA default.
 - Sliding-window attention: a dense boolean mask through SDPA (any device; the reference), or
   FlexAttention with a block mask on CUDA, which skips the blocks outside window and sinks and so
   costs O(T·W) instead of O(T²).
@@ -68,12 +70,10 @@ class MLSTMBackend:
         v = torch.cat([v, ones], dim=-1)
         if return_state:  # prefill / decoding: any length, carrying (C, n, m); no gradients needed
             c, n, m = state if state is not None else (None, None, None)
-            # A compiled decode step takes the native (plain PyTorch) step, which the compiler fuses.
-            step = "native" if torch.compiler.is_compiling() else self.step
             h, last = wrap_chunkwise__arbitrary_sequence_length(
                 mlstm_chunkwise_kernel=get_mlstm_kernel(self.chunkwise),
                 mlstm_sequence_kernel=get_mlstm_sequence_kernel(self.sequence),
-                mlstm_step_kernel=get_mlstm_step_kernel(step),
+                mlstm_step_kernel=get_mlstm_step_kernel(self.step),
                 q=q, k=k, v=v, i=i, f=f, c_initial=c, n_initial=n, m_initial=m,
                 return_last_states=True, autocast_kernel_dtype=q.dtype, chunk_size=self.chunk_size,
             )
@@ -97,8 +97,11 @@ MLSTM_BACKENDS.register("native")(
     MLSTMBackend("chunkwise--native_autograd", "native_sequence__native", "native", float32_only=True)
 )
 # bf16 needs triton_limit_chunk: triton_xl_chunk crashes the Triton 3.6 compiler in bf16 (REFERENCE.md §6).
+# The tail of a cached pass (length not a multiple of the chunk) and an uncompiled decode step take the native
+# step: mlstm_kernels' triton step kernel (and the sequence kernel built on it) disagrees with the native step
+# on value blocks that are not a multiple of its 64-wide tile, which the normaliser's column makes ours (D + 16).
 MLSTM_BACKENDS.register("triton")(
-    MLSTMBackend("chunkwise--triton_limit_chunk", "native_sequence__triton", "triton", chunk_size=64, value_multiple=16)
+    MLSTMBackend("chunkwise--triton_limit_chunk", "native_sequence__native", "native", chunk_size=64, value_multiple=16)
 )
 
 
@@ -283,6 +286,15 @@ SWA_BACKENDS.register("sdpa")(swa_sdpa)
 SWA_BACKENDS.register("flex")(swa_flex)
 
 
-def default_backends(device: torch.device) -> tuple[str, str]:
-    """(mlstm, swa) backend names for a device: triton + flex on CUDA, native + sdpa elsewhere."""
-    return ("triton", "flex") if device.type == "cuda" else ("native", "sdpa")
+# A decode step of a hybrid layer (one token per row after a cached pass): through the same branch code as
+# every pass, or one Triton kernel for window, memory and mix (fused_decode.py). Entries take the mixer and
+# its forward's arguments and return its output.
+DECODE_BACKENDS: Registry[Callable[..., Tensor]] = Registry("decode backend")
+DECODE_BACKENDS.register("layers")(lambda mixer, *args: mixer.output(mixer.parts(*args)))
+DECODE_BACKENDS.register("fused")(lambda mixer, *args: mixer.fused_step(*args))
+
+
+def default_backends(device: torch.device) -> tuple[str, str, str]:
+    """(mlstm, swa, decode) backend names for a device: triton + flex + fused on CUDA, native + sdpa +
+    layers elsewhere."""
+    return ("triton", "flex", "fused") if device.type == "cuda" else ("native", "sdpa", "layers")

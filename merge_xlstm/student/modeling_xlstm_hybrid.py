@@ -33,6 +33,9 @@ Design decisions the paper leaves open (each measured or tested, see tests/ and 
   are the SWA branch alone (default: every layer has both). A teacher's long-context gain need not live
   in every layer (bench/layer_reach.py measures where it does), and a layer without memory costs what its
   window costs.
+- Decoding: on CUDA a decode step (one token per row after a cached pass) runs each hybrid layer's
+  window, memory and mix as one Triton kernel (fused_decode.py, the ``fused`` decode backend): the
+  layer-by-layer step is some forty small kernels per layer, and a step is bound by their count.
 - Initialisation: feature maps start as the identity (phi = softmax of q or k itself); forget-gate
   biases spread over [3, 6] across heads (memories of ~20 to ~400 tokens, as in xLSTM); gate weights
   and the input-gate bias start at zero (a constant input gate cancels in the normalised ratio); the
@@ -75,7 +78,9 @@ from merge_xlstm.student.cache import (
     resolve_cache,
 )
 from merge_xlstm.student.families import FAMILIES, Family
+from merge_xlstm.student import fused_decode
 from merge_xlstm.student.kernels import (
+    DECODE_BACKENDS,
     FLEX_MIN_QUERIES,
     MLSTM_BACKENDS,
     SWA_BACKENDS,
@@ -181,15 +186,19 @@ class XLSTMHybridLayerCache(RecurrentLayer):
         index = plan.slots[:, None, :, None]
         self.state["keys"].scatter_(2, index.expand_as(key_states), key_states)
         self.state["values"].scatter_(2, index.expand_as(value_states), value_states)
+        self.record(plan)
+        return keys, values
+
+    def record(self, plan: "CachePlan") -> None:
+        """Note the positions of a pass's kept tokens in their slots and the row's next position."""
         positions = self.state["positions"]
         positions.masked_fill_(plan.restart[:, None], -1)
         positions.scatter_(1, plan.slots, plan.kept_pos)
         positions[:, -1] = -1  # the slot of unkept tokens stays empty
         self.state["seen"].copy_(plan.seen)
-        self.advance(key_states.shape[2])
-        return keys, values
+        self.advance(plan.slots.shape[1])
 
-    def evicted(self, keys: Tensor, igates: Tensor, plan: "CachePlan", window: int, sinks: int) -> tuple[Tensor, ...]:
+    def evicted(self, keys: Tensor, igates: Tensor, plan: "CachePlan") -> tuple[Tensor, ...]:
         """For ``memory_keys: evicted``: the memory keys (B, Hkv, n, D), values and input-gate pre-activations
         (B, n, H) of the n = min(T, W) tokens W positions before the first n new tokens, read from the ring
         before this step's writes (meaningless below the sinks: the caller shuts their gates). Then stores the
@@ -200,8 +209,8 @@ class XLSTMHybridLayerCache(RecurrentLayer):
             slots = self.state["keys"].shape[2]
             self.allocate({"memory_keys": keys.new_zeros(B, Hkv, slots, D),
                            "igates": igates.new_zeros(B, slots, igates.shape[-1])})
-        n = min(T, window)
-        slot = ring_slots(self.state["seen"], window, sinks, n)
+        slot = plan.evicts
+        n = slot.shape[1]
         ring = (
             self.state["memory_keys"].gather(2, slot[:, None, :, None].expand(B, Hkv, n, D)),
             self.state["values"].gather(2, slot[:, None, :, None].expand(B, Hkv, n, self.state["values"].shape[-1])),
@@ -283,6 +292,7 @@ class HybridMixer(nn.Module):
         # None: chosen per call from the input's device (see kernels.default_backends)
         self.mlstm_backend: str | None = None
         self.swa_backend: str | None = None
+        self.decode_backend: str | None = None
         self.gate_log: list[Tensor] | None = None  # set by XLSTMHybridForCausalLM.record_gates
 
     @torch.no_grad()
@@ -316,8 +326,12 @@ class HybridMixer(nn.Module):
         """x (B, T, hidden) -> (B, T, hidden). `starts` (B, T) marks document starts among x's tokens.
 
         With a `cache`, the step attends to the cached keys too, continues the cached mLSTM state,
-        and leaves its own keys and state in the cache (`plan` says where).
+        and leaves its own keys and state in the cache (`plan` says where). A decode step (one token
+        per row after a cached pass) of a hybrid layer goes through the decode backend (``fused`` on CUDA).
         """
+        if cache is not None and plan.with_slots and x.shape[1] == 1 and self.mixer == "hybrid":
+            step = DECODE_BACKENDS.get(self.decode_backend or default_backends(x.device)[2])
+            return step(self, x, rope, layout, starts, cache, plan)
         return self.output(self.parts(x, rope, layout, starts, cache, plan))
 
     def output(self, parts: MixerParts) -> Tensor:
@@ -341,16 +355,7 @@ class HybridMixer(nn.Module):
         swa_lse: bool = False,
     ) -> MixerParts:
         """Both branches and the gate; `swa_lse` also returns the SWA branch's log-sum-exp (stage I)."""
-        B, T, _ = x.shape
-        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q_flat, k_flat, v_flat = q, k, v
-        q = q.view(B, T, H, D).transpose(1, 2)
-        k = k.view(B, T, Hkv, D).transpose(1, 2)
-        v = v.view(B, T, Hkv, D).transpose(1, 2)
-        q_rot, k_rot = apply_rotary_pos_emb(q, k, *rope)
+        q_flat, k_flat, v_flat, q, k, v, q_rot, k_rot = self.project(x, rope)
         if cache is not None:
             cache.prepare(k_rot, v, self.sinks, self.window)
         if self.mixer in ("hybrid", "mlstm"):  # before the cache update: the evicted keys may be in its ring
@@ -372,14 +377,57 @@ class HybridMixer(nn.Module):
             if cache is not None:
                 cache.update_mlstm_state(last)
         if self.mixer == "hybrid":
-            o = torch.sigmoid(self.ogate(torch.cat([q_flat, k_flat, v_flat], dim=-1)))  # (B, T, H)
-            if self.memory_outside_window:  # where the window still covers the document, SWA is exact
-                o = o * (layout.q_pos >= self.window + self.sinks)[..., None]
-            if self.gate_log is not None:  # where the memory may act: the window and sinks no longer cover it
-                free = layout.q_valid & (layout.q_pos >= self.window + self.sinks)
-                self.gate_log.append(o.detach()[free].float().cpu())
-            o = o.transpose(1, 2).unsqueeze(-1)
+            o = self.mixing_gate(q_flat, k_flat, v_flat, layout).transpose(1, 2).unsqueeze(-1)
         return MixerParts(q_rot, k_rot, v, swa, lse, mlstm, o, memory if self.mixer != "swa" else None)
+
+    def project(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, ...]:
+        """The teacher's projections of x (B, T, hidden): q, k, v flat (B, T, ·) as the gate reads them, q (B, H,
+        T, D), k, v (B, Hkv, T, D), and the RoPE-rotated q and k."""
+        B, T, _ = x.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q_flat, k_flat, v_flat = q, k, v
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        q_rot, k_rot = apply_rotary_pos_emb(q, k, *rope)
+        return q_flat, k_flat, v_flat, q, k, v, q_rot, k_rot
+
+    def mixing_gate(self, q_flat: Tensor, k_flat: Tensor, v_flat: Tensor, layout: TokenLayout) -> Tensor:
+        """o (B, T, H): 1 sends a head's output to the memory, 0 to the window (recorded under record_gates)."""
+        o = torch.sigmoid(self.ogate(torch.cat([q_flat, k_flat, v_flat], dim=-1)))
+        if self.memory_outside_window:  # where the window still covers the document, SWA is exact
+            o = o * (layout.q_pos >= self.window + self.sinks)[..., None]
+        if self.gate_log is not None:  # where the memory may act: the window and sinks no longer cover it
+            free = layout.q_valid & (layout.q_pos >= self.window + self.sinks)
+            self.gate_log.append(o.detach()[free].float().cpu())
+        return o
+
+    def fused_step(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], layout: TokenLayout, starts: Tensor,
+        cache: XLSTMHybridLayerCache, plan: "CachePlan",
+    ) -> Tensor:
+        """A decode step through one Triton kernel (fused_decode.py): what :meth:`forward` computes for one
+        token per row after a cached pass, in a few kernels instead of some forty. Sizes the kernel does
+        not take go the layer-by-layer way."""
+        if not fused_decode.fusable(self.head_dim, self.feature_dim):
+            return self.output(self.parts(x, rope, layout, starts, cache, plan))
+        B = x.shape[0]
+        q_flat, k_flat, v_flat, q, k, v, q_rot, k_rot = self.project(x, rope)
+        q_mem, k_mem = (q_rot, k_rot) if self.mlstm_rope else (q, k)
+        evicted = self.memory_keys == "evicted"
+        h = fused_decode.fused_step(
+            q=q_rot[:, :, 0], k=k_rot[:, :, 0], v=v[:, :, 0], q_mem=q_mem[:, :, 0], k_mem=k_mem[:, :, 0],
+            i=self.igate(x)[:, 0], f=self.fgate(x)[:, 0], o=self.mixing_gate(q_flat, k_flat, v_flat, layout)[:, 0],
+            state=cache.state, phi_q=self.phi_q, phi_k=self.phi_k,
+            q_pos=layout.q_pos[:, 0], valid=layout.q_valid[:, 0], start=starts[:, 0], slot=plan.slots[:, 0],
+            evict=plan.evicts[:, 0] if evicted else None,
+            scale=self.scaling, window=self.window, sinks=self.sinks, gate=GATE,
+        )
+        cache.record(plan)
+        return self.o_proj(h.reshape(B, 1, -1))
 
     def attention(
         self, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, return_lse: bool = False
@@ -403,7 +451,7 @@ class HybridMixer(nn.Module):
             B, Hkv, T, D = k.shape
             n = min(T, self.window)
             # the n tokens W before the first n: the cache's ring, or nothing before an uncached pass
-            ring = (cache.evicted(k, i, plan, self.window, self.sinks) if cache is not None else
+            ring = (cache.evicted(k, i, plan) if cache is not None else
                     (k.new_zeros(B, Hkv, n, D), v.new_zeros(B, Hkv, n, v.shape[-1]), i.new_zeros(B, n, i.shape[-1])))
             k, v, i = shift_in(ring[0], k, 2), shift_in(ring[1], v, 2), shift_in(ring[2], i, 1)
             i = torch.where((layout.q_pos >= self.window + self.sinks)[..., None], i, -GATE)
@@ -522,6 +570,9 @@ class CachePlan:
     # evaluates from indices alone (TokenLayout.is_one_document). Short steps keep slot order: their dense
     # mask does not care, and a decode step skips the gather.
     order: Tensor | None = None
+    # (B, min(T, W)) the ring slots of the oldest min(T, W) tokens of the window before this pass: where
+    # ``memory_keys: evicted`` finds the keys the window lets go of (meaningless below the sinks).
+    evicts: Tensor | None = None
 
 
 def token_layout(
@@ -581,6 +632,7 @@ def token_layout(
             seen=torch.where(last_pos >= 0, last_pos + 1, seen),
             with_slots=cached,
             order=order,
+            evicts=ring_slots(seen, window, sinks, min(T, window)),
         )
     layout = TokenLayout(doc, pos, valid, k_doc, k_pos, k_valid, window=window, sinks=sinks)
     return layout, starts, position_ids, plan
@@ -647,13 +699,14 @@ class XLSTMHybridModel(XLSTMHybridPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def set_backends(self, mlstm: str | None = None, swa: str | None = None) -> None:
+    def set_backends(self, mlstm: str | None = None, swa: str | None = None, decode: str | None = None) -> None:
         """Pin kernel backends for every layer; None restores the per-device default."""
-        for name, registry in ((mlstm, MLSTM_BACKENDS), (swa, SWA_BACKENDS)):
+        for name, registry in ((mlstm, MLSTM_BACKENDS), (swa, SWA_BACKENDS), (decode, DECODE_BACKENDS)):
             if name is not None:
                 registry.get(name)  # fail early on unknown names
         for layer in self.layers:
-            layer.self_attn.mlstm_backend, layer.self_attn.swa_backend = mlstm, swa
+            mixer = layer.self_attn
+            mixer.mlstm_backend, mixer.swa_backend, mixer.decode_backend = mlstm, swa, decode
 
     def align_layers(
         self, mixer_inputs: list[Tensor], position_ids: Tensor, *, reference: bool, weight_queries: int = 0
