@@ -18,6 +18,7 @@ import torch
 from merge_xlstm.student import from_teacher
 from merge_xlstm.student.cache import output_cache
 from merge_xlstm.student.fused_decode import BLOCK_SLOTS, fusable
+from merge_xlstm.student.kernels import default_backends
 from merge_xlstm.testing import tiny_teacher
 
 
@@ -109,3 +110,12 @@ def test_sizes_the_kernel_does_not_take_go_the_layer_by_layer_way() -> None:
     want, _ = decode(copy.deepcopy(student), "layers", 6, 4)
     got, _ = decode(student, "fused", 6, 4)
     assert torch.equal(got, want)
+
+
+def test_decode_backends_are_chosen_by_name() -> None:
+    """CUDA's default is the fused step, the CPU's the layer-by-layer one; an unknown name fails at once."""
+    assert default_backends(torch.device("cuda"))[2] == "fused"
+    assert default_backends(torch.device("cpu"))[2] == "layers"
+    student = student_of("llama")
+    with pytest.raises(KeyError, match="unknown decode backend 'fast'"):
+        student.model.set_backends(decode="fast")

@@ -74,12 +74,15 @@ def fused_step(
     evicted = evict is not None
     # without eviction the kernel neither reads nor writes these: inputs stand in (never cache buffers, which
     # a compiler would then see passed twice)
+    q, k, v, q_mem, k_mem, i, f, o, phi_q, phi_k = (
+        t.contiguous() for t in (q, k, v, q_mem, k_mem, i, f, o, phi_q, phi_k))
     mem_keys = state["memory_keys"] if evicted else k_mem[:, :, None]
     igates = state["igates"] if evicted else i[:, None]
-    out = torch.empty_like(q)
     keys, values, positions = state["keys"], state["values"], state["positions"]
+    if any(t.stride(-1) != 1 for t in (keys, values, mem_keys, igates, positions, C, n)):
+        raise ValueError("the fused decode step needs cache buffers whose last dimension is contiguous")
     cached = keys.shape[2] - 1  # the last slot takes unkept tokens and is never read
-    q, k, v, q_mem, k_mem, i, f, o = (t.contiguous() for t in (q, k, v, q_mem, k_mem, i, f, o))
+    out = torch.empty_like(q)
     hybrid_decode_step[(B, Hkv)](
         q, k, v, q_mem, k_mem, i, f, o,
         keys, values, mem_keys, igates, positions, C, n, m, phi_q, phi_k,

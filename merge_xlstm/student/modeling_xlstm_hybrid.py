@@ -70,6 +70,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from merge_xlstm.kinds import HybridStudent, check_memory_layers
+from merge_xlstm.student import fused_decode
 from merge_xlstm.student.cache import (
     RecurrentGenerationMixin,
     RecurrentLayer,
@@ -78,7 +79,6 @@ from merge_xlstm.student.cache import (
     resolve_cache,
 )
 from merge_xlstm.student.families import FAMILIES, Family
-from merge_xlstm.student import fused_decode
 from merge_xlstm.student.kernels import (
     DECODE_BACKENDS,
     FLEX_MIN_QUERIES,
