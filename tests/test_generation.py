@@ -23,13 +23,16 @@ def make_student(kind: str) -> torch.nn.Module:
     torch.manual_seed(0)
     teacher = tiny_teacher("llama")
     if kind.startswith("hybrid"):  # hybrid_evicted: the memory holds only the keys the window let go
-        memory = {"hybrid": {}, "hybrid_evicted": {"memory_keys": "evicted"},
+        memory = {"hybrid": {}, "hybrid_evicted": {"memory_keys": "evicted"}, "hybrid_fused": {"memory_keys": "evicted"},
                   "hybrid_layer1": {"memory_keys": "evicted", "memory_layers": [1]}}[kind]  # layer 0: SWA alone
-        return from_teacher(teacher, kind="hybrid", window_size=4, num_sink_tokens=2, **memory).eval()
+        student = from_teacher(teacher, kind="hybrid", window_size=4, num_sink_tokens=2, **memory).eval()
+        if kind == "hybrid_fused":  # decode steps through the fused Triton kernel (its interpreter on CPU)
+            student.model.set_backends(decode="fused")
+        return student
     return from_teacher(teacher, kind="distil_xlstm", num_blocks=3, slstm_at=[0, 2], num_heads=4).eval()
 
 
-@pytest.fixture(scope="module", params=["hybrid", "hybrid_evicted", "hybrid_layer1", "distil_xlstm"])
+@pytest.fixture(scope="module", params=["hybrid", "hybrid_evicted", "hybrid_fused", "hybrid_layer1", "distil_xlstm"])
 def student(request: pytest.FixtureRequest) -> torch.nn.Module:
     return make_student(request.param)
 
