@@ -5,7 +5,8 @@ logits and, after the last step, every cache buffer (the ring's keys, values, me
 gates, the slot positions, the mLSTM's C, n, m) must equal the layer-by-layer path's. The steps cross
 the point where the window first lets keys go (the memory's input gate opens), a document start in the
 middle of decoding, and a left-padded row; a window longer than one block of the kernel's softmax runs
-the loop over blocks.
+the loop over blocks. generate() through the fused step (greedy, static cache, beam search, sampling)
+is tested with the other students in tests/test_generation.py (``hybrid_fused``).
 """
 
 from __future__ import annotations
@@ -89,17 +90,6 @@ def test_fused_step_equals_the_layer_by_layer_step(case: str) -> None:
         for name, tensor in want_layer.state.items():
             torch.testing.assert_close(got_layer.state[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
         assert int(got_layer.get_seq_length()) == int(want_layer.get_seq_length())
-
-
-def test_fused_greedy_generation_equals_uncached() -> None:
-    """generate() with the fused step on the static cache: the tokens of recomputing every step uncached."""
-    student = student_of("llama", memory_keys="evicted")
-    student.model.set_backends(decode="fused")
-    ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(3))
-    options = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
-    with torch.no_grad():
-        want = student.generate(ids, use_cache=False, **options)
-        assert torch.equal(student.generate(ids, cache_implementation="static", **options), want)
 
 
 def test_sizes_the_kernel_does_not_take_go_the_layer_by_layer_way() -> None:

@@ -72,10 +72,10 @@ def fused_step(
     feat = C.shape[2]
     groups = H // Hkv
     evicted = evict is not None
-    # without eviction the kernel neither reads nor writes these: inputs stand in (never cache buffers, which
-    # a compiler would then see passed twice)
     q, k, v, q_mem, k_mem, i, f, o, phi_q, phi_k = (
         t.contiguous() for t in (q, k, v, q_mem, k_mem, i, f, o, phi_q, phi_k))
+    # without eviction the kernel neither reads nor writes these: inputs stand in (never cache buffers, which
+    # a compiler would then see passed twice)
     mem_keys = state["memory_keys"] if evicted else k_mem[:, :, None]
     igates = state["igates"] if evicted else i[:, None]
     keys, values, positions = state["keys"], state["values"], state["positions"]
