@@ -85,10 +85,14 @@ class Checkpoint:
 
     Tensors are saved whole, gathered from FSDP's shards on every rank and written by the `main`
     process alone; every rank loads them and keeps its own shard (merge_xlstm.linearize.sharding).
+    `save` returns on every rank only once the checkpoint is on disk (`wait`, the processes' barrier):
+    a rank that dies right after saving, and takes the launcher's other processes with it, cannot cut
+    the main process's write short.
     """
 
     directory: Path
     main: bool = True
+    wait: Callable[[], None] = lambda: None
 
     @property
     def path(self) -> Path:
@@ -125,13 +129,13 @@ class Checkpoint:
                 else:
                     scalars.setdefault(str(idx), {})[field] = value
         whole = {n: full(p) for n, p in params.items()}
-        if not self.main:
-            return
-        with atomic_dir(self.path, overwrite=True) as tmp:
-            save_file({n: t.detach().cpu().contiguous() for n, t in whole.items()}, tmp / "params.safetensors")
-            save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, tmp / "optimizer.safetensors")
-            meta = {"step": step, "param_groups": opt["param_groups"], "optimizer_scalars": scalars}
-            (tmp / "state.json").write_text(json.dumps(meta))
+        if self.main:
+            with atomic_dir(self.path, overwrite=True) as tmp:
+                save_file({n: t.detach().cpu().contiguous() for n, t in whole.items()}, tmp / "params.safetensors")
+                save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, tmp / "optimizer.safetensors")
+                meta = {"step": step, "param_groups": opt["param_groups"], "optimizer_scalars": scalars}
+                (tmp / "state.json").write_text(json.dumps(meta))
+        self.wait()
 
 
 class MetricsLog:
@@ -187,7 +191,7 @@ def train_loop(
     parameters are the prepared model's own (`requires_grad`): FSDP replaces the parameter objects.
     """
     params = {name: p for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-    checkpoint = Checkpoint(work_dir / stage, main=accelerator.is_main_process)
+    checkpoint = Checkpoint(work_dir / stage, main=accelerator.is_main_process, wait=accelerator.wait_for_everyone)
     start = checkpoint.load(params, optimizer)
     log = MetricsLog(work_dir / "metrics.jsonl", stage=stage, resume_step=start)
     if start >= total_steps:
