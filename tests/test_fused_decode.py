@@ -5,13 +5,18 @@ logits and, after the last step, every cache buffer (the ring's keys, values, me
 gates, the slot positions, the mLSTM's C, n, m) must equal the layer-by-layer path's. The steps cross
 the point where the window first lets keys go (the memory's input gate opens), a document start in the
 middle of decoding, and a left-padded row; a window longer than one block of the kernel's softmax runs
-the loop over blocks. generate() through the fused step (greedy, static cache, beam search, sampling)
-is tested with the other students in tests/test_generation.py (``hybrid_fused``).
+the loop over blocks. The interpreter is lenient where Triton's compiler is not (loop-carried types,
+constexpr arguments), so the kernels are also compiled, on CPU, for the GPUs that run them. generate()
+through the fused step (greedy, static cache, beam search, sampling) is tested with the other students in
+tests/test_generation.py (``hybrid_fused``).
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -71,6 +76,7 @@ CASES = {
     "evicted keys": ("llama", {"memory_keys": "evicted"}, 6, 8, None),
     "evicted keys, document start": ("llama", {"memory_keys": "evicted"}, 6, 9, 3),
     "every key, mLSTM with RoPE": ("llama", {"memory_keys": "all", "mlstm_rope": True}, 5, 7, 4),
+    "memory inside the window too": ("llama", {"memory_keys": "all", "memory_outside_window": False}, 3, 6, None),
     "qwen2 (q/k/v biases)": ("qwen2", {"memory_keys": "evicted"}, 7, 6, None),
     "olmo2 (q/k norms)": ("olmo2", {"memory_keys": "evicted"}, 7, 6, None),
     "window over two blocks": ("llama", {"memory_keys": "evicted", "window_size": BLOCK_SLOTS + 3}, 70, 4, None),
@@ -109,3 +115,61 @@ def test_decode_backends_are_chosen_by_name() -> None:
     student = student_of("llama")
     with pytest.raises(KeyError, match="unknown decode backend 'fast'"):
         student.model.set_backends(decode="fast")
+
+
+# Compiles both kernels for Hopper (sm_90) and Ampere (sm_80) with the Triton the project pins, down to the
+# cubin (its ptxas is in the wheel), at the 1B shape (4 query heads a KV head) and SmolLM2's (3, a hidden size
+# and q/k/v widths that are not multiples of the gate block), with and without evicted keys and the memory
+# held outside the window. Run in a subprocess: under TRITON_INTERPRET the kernels are interpreted functions.
+COMPILE = """
+import os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from merge_xlstm.student import fused_decode as fd
+
+POINTERS = {"pos_ptr": "*i64", "qpos_ptr": "*i64", "valid_ptr": "*i1", "start_ptr": "*i1", "slot_ptr": "*i64",
+            "evict_ptr": "*i64", "c_ptr": "*fp32", "n_ptr": "*fp32", "m_ptr": "*fp32"}  # else bfloat16 tensors
+def signature(fn, constexprs):
+    kinds = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            kinds[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            kinds[name] = POINTERS.get(name, "*bf16")
+        else:
+            kinds[name] = "fp32" if name in ("scale", "gate") else "i64" if name.startswith("s") else "i32"
+    return kinds
+
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+for arch in (90, 80):
+    for hidden, heads, kv_heads in ((2048, 32, 8), (576, 9, 3)):
+        for evicted, outside in ((True, True), (False, False)):
+            constexprs = dict(HIDDEN=hidden, Q_WIDTH=heads * 64, KV_WIDTH=kv_heads * 64, CACHED=516, D=64, FEAT=64,
+                              GROUPS=heads // kv_heads, BLOCK=fd.BLOCK_SLOTS, BLOCK_GATE=fd.BLOCK_GATE,
+                              EVICTED=evicted, OUTSIDE=outside)
+            for fn, kept in ((fd.hybrid_decode_step, constexprs), (fd.ring_write, {"D": 64, "EVICTED": evicted})):
+                kernel = triton.compile(ASTSource(fn=fn, signature=signature(fn, kept), constexprs=kept),
+                                        target=GPUTarget("cuda", arch, 32))
+                with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+                    cubin.write(kernel.asm["cubin"])
+                    cubin.flush()
+                    usage = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True,
+                                           check=True).stdout
+                print(f"sm_{arch} {fn.__name__} {hidden} {evicted}: REG:" + usage.split("REG:")[1].split("TEXTURE")[0])
+"""
+
+
+def test_kernels_compile_for_the_gpus_that_run_them() -> None:
+    """Every kernel variant compiles to a cubin for sm_90 and sm_80. On sm_90, the GPU the benches measure, it
+    keeps its state in registers: a stack frame (spilled registers) would send part of every decode step's
+    state through global memory."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 * 2 * 2 * 2, done.stdout
+    for line in lines:
+        if line.startswith("sm_90"):
+            assert " STACK:0 " in line and " LOCAL:0 " in line, line

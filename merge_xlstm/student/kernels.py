@@ -287,7 +287,7 @@ SWA_BACKENDS.register("flex")(swa_flex)
 
 
 # A decode step of a hybrid layer (one token per row after a cached pass): through the same branch code as
-# every pass, or one Triton kernel for window, memory and mix (fused_decode.py). Entries take the mixer and
+# every pass, or one Triton kernel for gates, window, memory and mix (fused_decode.py). Entries take the mixer and
 # its forward's arguments and return its output.
 DECODE_BACKENDS: Registry[Callable[..., Tensor]] = Registry("decode backend")
 DECODE_BACKENDS.register("layers")(lambda mixer, *args: mixer.output(mixer.parts(*args)))

@@ -34,7 +34,7 @@ Design decisions the paper leaves open (each measured or tested, see tests/ and 
   in every layer (bench/layer_reach.py measures where it does), and a layer without memory costs what its
   window costs.
 - Decoding: on CUDA a decode step (one token per row after a cached pass) runs each hybrid layer's
-  window, memory and mix as one Triton kernel (fused_decode.py, the ``fused`` decode backend): the
+  gates, window, memory and mix as one Triton kernel (fused_decode.py, the ``fused`` decode backend): the
   layer-by-layer step is some forty small kernels per layer, and a step is bound by their count.
 - Initialisation: feature maps start as the identity (phi = softmax of q or k itself); forget-gate
   biases spread over [3, 6] across heads (memories of ~20 to ~400 tokens, as in xLSTM); gate weights
@@ -411,20 +411,21 @@ class HybridMixer(nn.Module):
     ) -> Tensor:
         """A decode step through one Triton kernel (fused_decode.py): what :meth:`forward` computes for one
         token per row after a cached pass, in a few kernels instead of some forty. Sizes the kernel does
-        not take go the layer-by-layer way."""
-        if not fused_decode.fusable(self.head_dim, self.feature_dim):
+        not take, and steps whose gates are being recorded, go the layer-by-layer way."""
+        if not fused_decode.fusable(self.head_dim, self.feature_dim) or self.gate_log is not None:
             return self.output(self.parts(x, rope, layout, starts, cache, plan))
         B = x.shape[0]
         q_flat, k_flat, v_flat, q, k, v, q_rot, k_rot = self.project(x, rope)
         q_mem, k_mem = (q_rot, k_rot) if self.mlstm_rope else (q, k)
         evicted = self.memory_keys == "evicted"
         h = fused_decode.fused_step(
+            x=x[:, 0], qkv=(q_flat[:, 0], k_flat[:, 0], v_flat[:, 0]),
             q=q_rot[:, :, 0], k=k_rot[:, :, 0], v=v[:, :, 0], q_mem=q_mem[:, :, 0], k_mem=k_mem[:, :, 0],
-            i=self.igate(x)[:, 0], f=self.fgate(x)[:, 0], o=self.mixing_gate(q_flat, k_flat, v_flat, layout)[:, 0],
-            state=cache.state, phi_q=self.phi_q, phi_k=self.phi_k,
+            gates=(self.igate, self.fgate, self.ogate), state=cache.state, phi_q=self.phi_q, phi_k=self.phi_k,
             q_pos=layout.q_pos[:, 0], valid=layout.q_valid[:, 0], start=starts[:, 0], slot=plan.slots[:, 0],
             evict=plan.evicts[:, 0] if evicted else None,
             scale=self.scaling, window=self.window, sinks=self.sinks, gate=GATE,
+            memory_outside_window=self.memory_outside_window,
         )
         cache.record(plan)
         return self.o_proj(h.reshape(B, 1, -1))
