@@ -7,8 +7,8 @@ the point where the window first lets keys go (the memory's input gate opens), a
 middle of decoding, and a left-padded row; a window longer than one block of the kernel's softmax runs
 the loop over blocks. The interpreter is lenient where Triton's compiler is not (loop-carried types,
 constexpr arguments), so the kernels are also compiled, on CPU, for the GPUs that run them. generate()
-through the fused step (greedy, static cache, beam search, sampling) is tested with the other students in
-tests/test_generation.py (``hybrid_fused``).
+through the fused step (greedy against uncached, static cache, beam search) is tested with the other
+students in tests/test_generation.py (``hybrid_fused``).
 """
 
 from __future__ import annotations
