@@ -122,7 +122,7 @@ def test_decode_backends_are_chosen_by_name() -> None:
 # and q/k/v widths that are not multiples of the gate block), with and without evicted keys and the memory
 # held outside the window. Run in a subprocess: under TRITON_INTERPRET the kernels are interpreted functions.
 COMPILE = """
-import os, subprocess, sys, tempfile
+import os, subprocess, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource

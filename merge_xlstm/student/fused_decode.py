@@ -169,7 +169,7 @@ if triton is not None:
         v_self = tl.load(v_ptr + (b * Hkv + g) * D + d).to(tl.float32)
         # the step's own key first: always allowed (a padding query sees it alone, as the dense mask's rule)
         run_max = tl.sum(q * k_self, 0) * scale
-        run_sum = run_max * 0.0 + 1.0
+        run_sum = 1.0
         acc = v_self
         for s0 in range(0, CACHED, BLOCK):
             slots = s0 + tl.arange(0, BLOCK)
